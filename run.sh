@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One entry point for everything. On first use it creates .venv and installs the project into it
+# (editable, with the test extra and the TensorFlow build that fits this machine).
+#   ./run.sh                      train the demo (builds dataset/demo from scikit-learn's digits first)
+#   ./run.sh train FLAGS...       python -m trainer.main FLAGS...
+#   ./run.sh test [PYTEST ARGS]   the test suite
+#   ./run.sh tensorboard [LOGDIR] TensorBoard on 127.0.0.1 (default LOGDIR: runs)
+#   ./run.sh download|check|evaluate|export|predict|bench ARGS...
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+
+ensure_env() {
+  local stamp=.venv/.installed-$(cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+  [ -f "$stamp" ] && return 0
+  [ -x "$PY" ] || python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+  local tf_extra=cpu
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then tf_extra=gpu; fi
+  echo "run.sh: installing into .venv (TensorFlow build: $tf_extra)" >&2
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -e ".[test,$tf_extra]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+}
+
+ensure_demo_data() {
+  [ -f dataset/demo/.complete ] || "$PY" -m data.demo --dest=dataset/demo
+}
+
+ensure_env
+cmd=${1:-demo}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  demo)
+    ensure_demo_data
+    exec "$PY" -m trainer.main --flagfile=configs/demo.cfg "$@" ;;
+  train)
+    if printf '%s\n' "$@" | grep -q -- 'configs/demo.cfg'; then ensure_demo_data; fi
+    exec "$PY" -m trainer.main "$@" ;;
+  test)
+    exec "$PY" -m pytest "$@" ;;
+  tensorboard)
+    exec "$PY" -m trainer.tensorboard "$@" ;;
+  download) exec "$PY" -m data.download "$@" ;;
+  check) exec "$PY" -m data.check "$@" ;;
+  evaluate|export|predict) exec "$PY" -m "trainer.$cmd" "$@" ;;
+  bench) exec "$PY" -m bench.run "$@" ;;
+  demo-data) exec "$PY" -m data.demo --dest=dataset/demo "$@" ;;
+  *) echo "run.sh: unknown command '$cmd' (demo, train, test, tensorboard, download, check, evaluate, export, predict, bench)" >&2; exit 2 ;;
+esac
