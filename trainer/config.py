@@ -1,0 +1,84 @@
+"""The run configuration: a frozen dataclass built from the flags (see trainer/flags.py).
+
+Field names are the flag names; defaults and help live with the flags only.
+
+`Config` holds what the user asked for. `RunPlan` holds what follows from it once the replica
+count and dataset size are known (global batch, learning rate, steps); both are written into
+`model_dir` so that a run can be read, compared and resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Data
+    data_dir: str
+    model_dir: str
+    image_size: int
+    cache_images: bool
+    crop_min_area: float
+    random_flip: bool
+    skip_unknown_classes: bool
+    # Model
+    model: str
+    # Batch and optimisation
+    batch_size: int
+    scale_batch: bool
+    optimizer: str
+    base_lr: float
+    scale_lr: bool
+    warmup_epochs: float
+    weight_decay: float
+    momentum: float
+    # Duration: train_steps overrides epochs when set (> 0).
+    epochs: float
+    train_steps: int
+    steps_per_loop: int
+    # Distribution and numerics
+    distribution_strategy: str
+    cpu_devices: int
+    mixed_precision: str
+    xla: bool
+    seed: int
+    # Outer loop cadence (0 = only at the end)
+    eval_every_steps: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    eval_batch_size: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Derived numbers of a run; computed once the strategy and dataset are known."""
+    num_replicas: int
+    global_batch_size: int
+    eval_global_batch_size: int
+    learning_rate: float
+    num_train_images: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def make(cls, config: Config, num_replicas: int, num_train_images: int) -> "RunPlan":
+        global_batch = config.batch_size * (num_replicas if config.scale_batch else 1)
+        eval_batch = config.eval_batch_size or global_batch
+        steps_per_epoch = num_train_images // global_batch
+        if config.train_steps > 0:
+            total_steps = config.train_steps
+        else:
+            total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+        learning_rate = config.base_lr * (num_replicas if config.scale_lr else 1)
+        warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 2)
+        return cls(num_replicas, global_batch, eval_batch, learning_rate, num_train_images,
+                   steps_per_epoch, total_steps, warmup)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch

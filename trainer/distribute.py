@@ -1,0 +1,65 @@
+"""Build the tf.distribute strategy for a Config."""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+
+class StrategyError(ValueError):
+    """The requested distribution cannot run here; str() is a one-line message."""
+
+
+def split_cpu(num_devices: int) -> None:
+    """Expose the host CPU as `num_devices` logical devices. Must run before any op executes;
+    calling it again with the same count is a no-op."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration()] * num_devices
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == num_devices:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError as e:
+        raise StrategyError(f"--cpu_devices={num_devices}: TensorFlow was already initialised "
+                            f"with {len(tf.config.list_logical_devices('CPU'))} CPU devices") from e
+
+
+def make_strategy(kind: str, cpu_devices: int = 0) -> tf.distribute.Strategy:
+    gpus = tf.config.list_physical_devices("GPU")
+    if cpu_devices > 1:
+        split_cpu(cpu_devices)
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if kind == "mirrored":
+        if gpus:
+            return tf.distribute.MirroredStrategy()
+        if cpu_devices > 1:
+            return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_devices)])
+        return tf.distribute.MirroredStrategy(["/cpu:0"])
+    if kind == "multi_worker_mirrored":
+        if "TF_CONFIG" not in os.environ and "SLURM_JOB_ID" not in os.environ:
+            raise StrategyError("--distribution_strategy=multi_worker_mirrored needs TF_CONFIG "
+                                "(or a SLURM job) describing the cluster")
+        if "TF_CONFIG" in os.environ:
+            try:
+                json.loads(os.environ["TF_CONFIG"])
+            except ValueError as e:
+                raise StrategyError(f"TF_CONFIG is not valid JSON: {e}") from e
+            resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        else:
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    raise StrategyError(f"unknown distribution strategy {kind!r}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the worker that writes summaries, checkpoints and exports."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief

@@ -1,0 +1,39 @@
+"""Train an image classifier: python -m trainer.main --flagfile=configs/NAME.cfg [FLAGS...]"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, logging
+
+from data.layout import LayoutError
+from trainer import flags as trainer_flags
+from trainer.distribute import StrategyError
+from trainer.train import EXIT_PREEMPTED, Preempted, TrainingError, run
+
+USER_ERRORS = (LayoutError, StrategyError, TrainingError)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print(f"trainer: unexpected arguments {argv[1:]} (flags look like --name=value)",
+              file=sys.stderr)
+        return 2
+    if not trainer_flags.flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # absl INFO lines from TF's checkpoint saver
+    config = trainer_flags.config_from_flags()
+    try:
+        run(config)
+    except USER_ERRORS as e:
+        print(f"trainer: {e}", file=sys.stderr)
+        return 1
+    except Preempted:
+        return EXIT_PREEMPTED
+    return 0
+
+
+def entry() -> None:
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=trainer_flags.parse_flags_or_exit)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,102 @@
+"""The inner step: replica train/eval functions and the tf.functions that run them.
+
+`train_loop(iterator, num_steps)` runs `num_steps` steps in one tf.function call (a tf.range
+loop), each step `strategy.run(replica step)`. Loss per replica is the per-example cross-entropy
+summed and divided by the *global* batch (`tf.nn.compute_average_loss`), so the all-reduced
+gradients are those of the global mean loss. Metrics are updated with the per-example losses
+and are reduced across replicas when read, so the reported loss is the true global mean.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class Metrics:
+    """Keras metrics created in the strategy scope; read with `results()`."""
+    loss: keras.metrics.Mean
+    accuracy: keras.metrics.SparseCategoricalAccuracy
+    top5_accuracy: keras.metrics.SparseTopKCategoricalAccuracy
+
+    @classmethod
+    def create(cls, prefix: str) -> "Metrics":
+        return cls(keras.metrics.Mean(name=f"{prefix}_loss"),
+                   keras.metrics.SparseCategoricalAccuracy(name=f"{prefix}_accuracy"),
+                   keras.metrics.SparseTopKCategoricalAccuracy(k=5, name=f"{prefix}_top5"))
+
+    def update(self, labels, logits, per_example_loss, weights):
+        self.loss.update_state(per_example_loss, sample_weight=weights)
+        self.accuracy.update_state(labels, logits, sample_weight=weights)
+        self.top5_accuracy.update_state(labels, logits, sample_weight=weights)
+
+    def reset(self) -> None:
+        for metric in (self.loss, self.accuracy, self.top5_accuracy):
+            metric.reset_state()
+
+    def results(self) -> dict[str, float]:
+        """Means over everything seen since reset; `images` counts weight-1 examples."""
+        return {"loss": float(self.loss.result()), "accuracy": float(self.accuracy.result()),
+                "top5_accuracy": float(self.top5_accuracy.result()),
+                "images": int(round(float(keras.ops.convert_to_numpy(self.loss.count))))}
+
+
+def cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Per-example loss, no reduction."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=labels, logits=tf.cast(logits, tf.float32))
+
+
+class StepFunctions:
+    """Holds the model, optimizer and metrics the compiled steps close over."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
+                 optimizer: keras.optimizers.Optimizer, *, global_batch_size: int,
+                 train_metrics: Metrics, eval_metrics: Metrics, xla: bool = False):
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = optimizer
+        self.global_batch_size = global_batch_size
+        self.train_metrics = train_metrics
+        self.eval_metrics = eval_metrics
+        self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self._replica_train = tf.function(self._replica_train_step, jit_compile=xla or None)
+        self._replica_eval = tf.function(self._replica_eval_step, jit_compile=xla or None)
+        self.train_loop = tf.function(self._train_loop)
+        self.eval_loop = tf.function(self._eval_loop)
+
+    # --- replica functions ------------------------------------------------------------------
+    def _replica_train_step(self, images, labels, weights):
+        model, optimizer = self.model, self.optimizer
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = cross_entropy(labels, logits) * weights
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            tape_loss = optimizer.scale_loss(loss) if self._loss_scaled else loss
+        gradients = tape.gradient(tape_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        self.train_metrics.update(labels, logits, per_example, weights)
+        return tf.reduce_sum(per_example)
+
+    def _replica_eval_step(self, images, labels, weights):
+        logits = self.model(images, training=False)
+        per_example = cross_entropy(labels, logits)
+        self.eval_metrics.update(labels, logits, per_example, weights)
+
+    # --- cross-replica loops ----------------------------------------------------------------
+    def _train_loop(self, iterator, num_steps):
+        """Runs num_steps steps; returns the true mean loss of each step's global batch."""
+        step_losses = tf.TensorArray(tf.float32, size=num_steps)
+        for i in tf.range(num_steps):
+            per_replica_sum = self.strategy.run(self._replica_train, args=next(iterator))
+            loss_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_sum, axis=None)
+            step_losses = step_losses.write(i, loss_sum / self.global_batch_size)
+        return step_losses.stack()
+
+    def _eval_loop(self, dataset):
+        for batch in dataset:
+            self.strategy.run(self._replica_eval, args=batch)
