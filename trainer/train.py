@@ -235,6 +235,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
             else:
                 loop_rates.append(rate)
             values = train_metrics.results()
+            del values["images"]
             values.update(learning_rate=current_learning_rate(optimizer), images_per_second=rate,
                           step_time_ms=1000 * seconds / num)
             writers.scalars(writers.train, current, values, "train")

@@ -1,0 +1,54 @@
+"""Shared fixtures: real demo images on disk, and running the trainer as a real process.
+
+In-process tests share one TensorFlow runtime, so the host CPU is split into two logical
+devices here, before any test runs an op: both one-replica and two-replica strategies work.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.s3_server"]
+
+
+def pytest_configure(config):
+    from trainer import distribute
+    distribute.split_cpu(2)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The embedded demo dataset (sklearn digits as 32x32 JPEGs), built once per session."""
+    from data import demo
+    dest = tmp_path_factory.mktemp("data") / "demo"
+    demo.build(str(dest))
+    return dest
+
+
+def trainer_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.main", *args]
+
+
+def run_trainer(*args: str, timeout: float = 300, env: dict | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
+    """Runs `python -m trainer.main ARGS` in a fresh process from the repo root."""
+    full_env = dict(os.environ, **(env or {}))
+    result = subprocess.run(trainer_command(*args), cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer exited {result.returncode}\nstdout:\n{result.stdout}\n"
+                             f"stderr:\n{result.stderr[-4000:]}")
+    return result
+
+
+# Small, fast settings for the demo data used by many tests.
+FAST_DEMO_FLAGS = ("--model=small_resnet", "--image_size=32", "--batch_size=32",
+                   "--base_lr=0.003", "--warmup_epochs=0.5", "--crop_min_area=0.6",
+                   "--norandom_flip", "--steps_per_loop=5")
