@@ -47,8 +47,11 @@ class CheckpointKeeper:
             self.checkpoint, directory, max_to_keep=max_to_keep, step_counter=step,
             checkpoint_interval=every_steps)
 
-    def restore_latest(self) -> str | None:
-        path = self.manager.latest_checkpoint
+    def restore_latest(self, directory: str | None = None) -> str | None:
+        """Restore the newest checkpoint of `directory` (default: our own). Non-chief workers
+        write to a scratch directory but resume from the chief's."""
+        path = tf.train.latest_checkpoint(directory) if directory else \
+            self.manager.latest_checkpoint
         if path:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         return path

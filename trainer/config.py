@@ -34,6 +34,7 @@ class Config:
     warmup_epochs: float
     weight_decay: float
     momentum: float
+    clip_grad_norm: float
     # Duration: train_steps overrides epochs when set (> 0).
     epochs: float
     train_steps: int
@@ -44,6 +45,7 @@ class Config:
     mixed_precision: str
     xla: bool
     seed: int
+    deterministic: bool
     # Outer loop cadence (0 = only at the end)
     eval_every_steps: int
     checkpoint_every_steps: int

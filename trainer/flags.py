@@ -46,6 +46,8 @@ flags.DEFINE_float("warmup_epochs", 1.0, "Linear warmup length in epochs, then c
                    lower_bound=0.0)
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (adamw, sgd).", lower_bound=0.0)
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("clip_grad_norm", 0.0, "Clip by the global norm of the all-reduced gradient "
+                   "(across replicas); 0 disables.", lower_bound=0.0)
 # --- duration -------------------------------------------------------------------------------
 flags.DEFINE_float("epochs", 10.0, "Training length in epochs (fractions allowed).",
                    lower_bound=0.0)
@@ -69,6 +71,9 @@ flags.DEFINE_enum("mixed_precision", "none", PRECISIONS, "Compute dtype; float16
                   "loss scaling.")
 flags.DEFINE_boolean("xla", False, "Compile the replica step with XLA (jit_compile).")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
+flags.DEFINE_boolean("deterministic", False, "Turn on TensorFlow op determinism: an interrupted "
+                     "and resumed run ends with weights bit-identical to an uninterrupted one "
+                     "(slower).")
 
 flags.mark_flags_as_required(["data_dir", "model_dir"])
 
@@ -105,5 +110,5 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{argv[0].rsplit('/', 1)[-1]}: flag error: {message}", file=sys.stderr)
+        print(f"trainer: flag error: {message}", file=sys.stderr)
         sys.exit(2)

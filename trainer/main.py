@@ -5,12 +5,7 @@ import sys
 
 from absl import app, logging
 
-from data.layout import LayoutError
 from trainer import flags as trainer_flags
-from trainer.distribute import StrategyError
-from trainer.train import EXIT_PREEMPTED, Preempted, TrainingError, run
-
-USER_ERRORS = (LayoutError, StrategyError, TrainingError)
 
 
 def main(argv: list[str]) -> int:
@@ -21,9 +16,13 @@ def main(argv: list[str]) -> int:
     if not trainer_flags.flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # absl INFO lines from TF's checkpoint saver
     config = trainer_flags.config_from_flags()
+    # TensorFlow loads only now, so that flag errors above answer at once.
+    from data.layout import LayoutError
+    from trainer.distribute import StrategyError
+    from trainer.train import EXIT_PREEMPTED, Preempted, TrainingError, run
     try:
         run(config)
-    except USER_ERRORS as e:
+    except (LayoutError, StrategyError, TrainingError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         return 1
     except Preempted:

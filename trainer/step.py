@@ -54,13 +54,15 @@ class StepFunctions:
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, *, global_batch_size: int,
-                 train_metrics: Metrics, eval_metrics: Metrics, xla: bool = False):
+                 train_metrics: Metrics, eval_metrics: Metrics, xla: bool = False,
+                 clip_grad_norm: float = 0.0):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
         self.global_batch_size = global_batch_size
         self.train_metrics = train_metrics
         self.eval_metrics = eval_metrics
+        self.clip_grad_norm = clip_grad_norm
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self._replica_train = tf.function(self._replica_train_step, jit_compile=xla or None)
         self._replica_eval = tf.function(self._replica_eval_step, jit_compile=xla or None)
@@ -78,9 +80,41 @@ class StepFunctions:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             tape_loss = optimizer.scale_loss(loss) if self._loss_scaled else loss
         gradients = tape.gradient(tape_loss, model.trainable_variables)
+        if self._loss_scaled:
+            gradients = self._poison_if_any_replica_overflowed(gradients)
+        if self.clip_grad_norm > 0:
+            gradients = self._clip_by_global_norm_across_replicas(gradients)
+        # apply_gradients sums the replicas' gradients (all-reduce) before the update.
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         self.train_metrics.update(labels, logits, per_example, weights)
         return tf.reduce_sum(per_example)
+
+    def _poison_if_any_replica_overflowed(self, gradients):
+        """Keras' LossScaleOptimizer checks replica 0's gradients only, so an inf on another
+        replica alone would be applied. Agree across replicas: if any replica's gradients are
+        not finite, every replica's become NaN, and the optimizer skips the step everywhere and
+        lowers the loss scale."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+        context = tf.distribute.get_replica_context()
+        all_finite = context.all_reduce(tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32))
+        poison = tf.where(all_finite > 0, 0.0, float("nan"))
+        return [g + tf.cast(poison, g.dtype) for g in gradients]
+
+    def _clip_by_global_norm_across_replicas(self, gradients):
+        """Clip by the norm of the all-reduced (summed) gradient, as one big-batch step would.
+
+        Keras' `global_clipnorm` clips each replica's gradient before the all-reduce. Here the
+        replicas' gradients are summed once to measure the norm; each replica then scales its
+        own gradient by the same factor, so the optimizer's own all-reduce yields the clipped sum.
+        """
+        context = tf.distribute.get_replica_context()
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+        if self._loss_scaled:  # the norm of the true gradient, not of the scaled one
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+            summed = [tf.cast(g, tf.float32) / scale for g in summed]
+        norm = tf.linalg.global_norm(summed)
+        factor = tf.minimum(1.0, self.clip_grad_norm / tf.maximum(norm, 1e-12))
+        return [g * tf.cast(factor, g.dtype) for g in gradients]
 
     def _replica_eval_step(self, images, labels, weights):
         logits = self.model(images, training=False)

@@ -150,6 +150,8 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     run_start = time.time()
     # --- model and optimizer ---------------------------------------------------------------
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(
         {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
         [config.mixed_precision])
@@ -161,19 +163,27 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         train_metrics, eval_metrics = Metrics.create("train"), Metrics.create("eval")
     steps = StepFunctions(strategy, model, optimizer, global_batch_size=plan.global_batch_size,
-                          train_metrics=train_metrics, eval_metrics=eval_metrics, xla=config.xla)
+                          train_metrics=train_metrics, eval_metrics=eval_metrics, xla=config.xla,
+                          clip_grad_norm=config.clip_grad_norm)
 
     # --- restore -----------------------------------------------------------------------------
     keeper = checkpoints.CheckpointKeeper(
         os.path.join(work_dir, "checkpoints"), model=model, optimizer=optimizer, step=step,
         max_to_keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
-    restored = keeper.restore_latest()
+    restored = keeper.restore_latest(os.path.join(config.model_dir, "checkpoints"))
     start_step = int(step.numpy())
     if restored:
         _log(f"resumed from {restored} at step {start_step} (epoch "
              f"{plan.epoch_of(start_step) + 1}, batch {start_step % plan.steps_per_epoch} of "
              f"the epoch)")
+    if restored and start_step >= plan.total_steps:
+        _log(f"the run in {config.model_dir} is finished ({start_step} of {plan.total_steps} "
+             f"steps); results: {os.path.join(config.model_dir, 'results.json')}. Pass a larger "
+             f"--train_steps or --epochs to train on.")
+        return checkpoints.read_json(os.path.join(config.model_dir, "results.json")) if \
+            os.path.exists(os.path.join(config.model_dir, "results.json")) else {}
     writers = summaries.Summaries(config.model_dir if chief else None)
+    loss_log = StepLossLog(os.path.join(work_dir, "step_losses.tsv"))
     if start_step == 0:
         _write_run_description(config, plan, inputs, writers)
 
@@ -229,6 +239,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                 raise TrainingError(f"non-finite training loss at step {bad + 1}; stopped "
                                     f"without saving (last good checkpoint: "
                                     f"{keeper.manager.latest_checkpoint or 'none'})")
+            loss_log.append(current - num + 1, step_losses)
             rate = num * plan.global_batch_size / seconds
             if first_loop_seconds is None:
                 first_loop_seconds = seconds  # includes tracing; not a steady-state rate
@@ -286,6 +297,23 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         checkpoints.atomic_write_text(results_path, json.dumps(results, indent=2))
         _log(f"results written to {results_path}")
     return results
+
+
+class StepLossLog:
+    """`step<TAB>loss` per training step, appended each loop. After a resume the steps since the
+    last checkpoint appear again; the last line for a step is the one that counts."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def append(self, first_step: int, losses: np.ndarray) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(f"{first_step + i}\t{loss:.9g}\n" for i, loss in enumerate(losses))
+
+    @staticmethod
+    def read(path: str) -> dict[int, float]:
+        with open(path) as f:
+            return {int(step): float(loss) for step, loss in (line.split("\t") for line in f)}
 
 
 def _write_run_description(config: Config, plan: RunPlan, inputs: Inputs, writers) -> None:
