@@ -24,6 +24,14 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def two_replicas():
+    """One MirroredStrategy over the two logical CPUs for all in-process tests: strategies
+    created side by side in one process share collective keys and can collide."""
+    import tensorflow as tf
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The embedded demo dataset (sklearn digits as 32x32 JPEGs), built once per session."""
     from data import demo

@@ -49,10 +49,10 @@ def _train_few_steps(strategy, split, num_steps: int, global_batch: int):
     return initial, model.get_weights(), losses, metrics[0].results()
 
 
-def test_one_and_two_replicas_agree_and_report_the_true_loss(demo_dir):
+def test_one_and_two_replicas_agree_and_report_the_true_loss(demo_dir, two_replicas):
     split = layout.scan_split(str(demo_dir), "train", layout.train_class_names(str(demo_dir)))
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    two = two_replicas
     assert two.num_replicas_in_sync == 2
     init1, weights1, losses1, metrics1 = _train_few_steps(one, split, 4, 32)
     init2, weights2, losses2, metrics2 = _train_few_steps(two, split, 4, 32)
@@ -77,11 +77,11 @@ def test_one_and_two_replicas_agree_and_report_the_true_loss(demo_dir):
     assert losses2[0] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_37_images_over_two_replicas_are_evaluated_exactly_once(demo_dir):
+def test_37_images_over_two_replicas_are_evaluated_exactly_once(demo_dir, two_replicas):
     names = layout.train_class_names(str(demo_dir))
     split = layout.scan_split(str(demo_dir), "valid", names)
     files, labels = split.files[:37], split.labels[:37]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas
     with strategy.scope():
         model = _bn_free_model(10, seed=1)
         optimizer = keras.optimizers.SGD()

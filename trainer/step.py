@@ -96,8 +96,9 @@ class StepFunctions:
         lowers the loss scale."""
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
         context = tf.distribute.get_replica_context()
-        all_finite = context.all_reduce(tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32))
-        poison = tf.where(all_finite > 0, 0.0, float("nan"))
+        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                        1.0 - tf.cast(finite, tf.float32))
+        poison = tf.where(overflowed > 0, float("nan"), 0.0)
         return [g + tf.cast(poison, g.dtype) for g in gradients]
 
     def _clip_by_global_norm_across_replicas(self, gradients):
@@ -129,7 +130,20 @@ class StepFunctions:
             per_replica_sum = self.strategy.run(self._replica_train, args=next(iterator))
             loss_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_sum, axis=None)
             step_losses = step_losses.write(i, loss_sum / self.global_batch_size)
+        if self.strategy.num_replicas_in_sync > 1:
+            self.strategy.run(self._replica_average_model_state)
         return step_losses.stack()
+
+    def _replica_average_model_state(self):
+        """Keras 3 BatchNormalization updates its moving statistics per replica (mirrored
+        variables with aggregation NONE), so replicas drift apart while the checkpoint keeps
+        replica 0's copy. Averaging them after each loop makes every replica, the checkpoint and
+        the exported model hold the same values. The moving averages are linear in the batch
+        statistics, so this equals averaging at every step."""
+        context = tf.distribute.get_replica_context()
+        for variable in self.model.non_trainable_variables:
+            if keras.backend.is_float_dtype(variable.dtype):
+                variable.assign(context.all_reduce(tf.distribute.ReduceOp.MEAN, variable.value))
 
     def _eval_loop(self, dataset):
         for batch in dataset:

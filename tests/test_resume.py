@@ -1,0 +1,271 @@
+"""Exact resume after SIGKILL (also during a checkpoint save), guards, cross-replica numerics,
+and multi-worker training with two real processes on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from trainer.step import Metrics, StepFunctions
+from trainer.train import StepLossLog
+
+EXACT_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=2", "--train_steps=36",
+               "--checkpoint_every_steps=4", "--eval_every_steps=12", "--deterministic",
+               "--distribution_strategy=mirrored", "--cpu_devices=2")
+
+
+def _model_variables(checkpoint_dir) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(checkpoint_dir))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith(("model/", "optimizer/"))}
+
+
+def _latest_step(checkpoint_dir) -> int:
+    latest = tf.train.latest_checkpoint(str(checkpoint_dir))
+    return int(tf.train.load_variable(latest, "step/.ATTRIBUTES/VARIABLE_VALUE")) if latest else 0
+
+
+def _start(model_dir, *flags) -> subprocess.Popen:
+    return subprocess.Popen(trainer_command(f"--model_dir={model_dir}", *flags), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _kill_after_step(model_dir, flags, step: int) -> int:
+    """SIGKILL as soon as the console reports `step`; returns the step reported."""
+    process = _start(model_dir, *flags)
+    for line in process.stdout:
+        if line.startswith("epoch ") and int(line.split()[3].split("/")[0]) >= step:
+            process.kill()
+            seen = int(line.split()[3].split("/")[0])
+            break
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    return seen
+
+
+def _kill_during_save(model_dir, flags) -> None:
+    """SIGKILL while a checkpoint's files are being written (its `ckpt-N_temp` folder exists)."""
+    checkpoint_dir = model_dir / "checkpoints"
+    process = _start(model_dir, *flags)
+    killed_in = None
+    while process.poll() is None and killed_in is None:
+        try:
+            temp = [n for n in os.listdir(checkpoint_dir) if n.endswith("_temp")]
+        except FileNotFoundError:
+            temp = []
+        for name in temp:
+            number = name[len("ckpt-"):-len("_temp")]
+            if not os.path.exists(checkpoint_dir / f"ckpt-{number}.index"):
+                process.kill()
+                killed_in = number
+                break
+        time.sleep(0.0005)
+    process.stdout.close()
+    process.wait(timeout=60)
+    assert killed_in is not None, "the run ended before a save could be interrupted"
+    latest = tf.train.latest_checkpoint(str(checkpoint_dir))
+    assert not latest.endswith(f"ckpt-{killed_in}"), "the interrupted save became the latest"
+
+
+def test_sigkill_three_times_resumes_bit_identical(demo_dir, tmp_path):
+    flags = (f"--data_dir={demo_dir}", *EXACT_FLAGS)
+    whole = tmp_path / "whole"
+    run_trainer(f"--model_dir={whole}", *flags)
+
+    parts = tmp_path / "parts"
+    # Saves come at steps 2, 6, 10, ... (the first loop, then every 4 steps); a kill after the
+    # step-8 line leaves steps 7-8 to be trained again.
+    first_kill = _kill_after_step(parts, flags, 8)
+    assert _latest_step(parts / "checkpoints") < first_kill
+    _kill_during_save(parts, flags)
+    after_save_kill = _latest_step(parts / "checkpoints")
+    assert after_save_kill >= first_kill - 2
+    third_kill = _kill_after_step(parts, flags, after_save_kill + 5)
+    assert third_kill > after_save_kill
+    result = run_trainer(f"--model_dir={parts}", *flags)
+    assert "resumed from" in result.stdout
+
+    expected, actual = _model_variables(whole / "checkpoints"), _model_variables(
+        parts / "checkpoints")
+    assert expected.keys() == actual.keys() and len(expected) > 10
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    whole_losses = StepLossLog.read(whole / "step_losses.tsv")
+    parts_losses = StepLossLog.read(parts / "step_losses.tsv")
+    assert sorted(whole_losses) == list(range(1, 37))
+    assert parts_losses == whole_losses
+    whole_results = json.loads((whole / "results.json").read_text())
+    parts_results = json.loads((parts / "results.json").read_text())
+    assert parts_results["splits"] == whole_results["splits"]
+
+
+def test_incompatible_restart_and_finished_run(demo_dir, tmp_path):
+    model_dir = tmp_path / "run"
+    flags = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
+             "--train_steps=4", "--distribution_strategy=one_device")
+    run_trainer(*flags)
+    again = run_trainer(*flags)
+    assert "is finished (4 of 4 steps)" in again.stdout
+    lines = again.stdout.splitlines()
+    assert not [line for line in lines if line.startswith(("epoch ", "final "))]  # no training
+
+    changed = run_trainer(*flags, "--image_size=40", check=False)
+    assert changed.returncode == 1
+    assert changed.stderr.strip().splitlines()[-1] == (
+        f"trainer: --image_size=40 but the run in '{model_dir}' used 32; use a new --model_dir")
+    assert "Traceback" not in changed.stderr
+
+    other_data = tmp_path / "data"
+    (other_data / "train" / "zebra").mkdir(parents=True)
+    for split in ("train", "valid"):
+        for class_dir in (demo_dir / split).iterdir():
+            (other_data / split / class_dir.name).mkdir(parents=True, exist_ok=True)
+            for image in list(class_dir.iterdir())[:3]:
+                (other_data / split / class_dir.name / image.name).write_bytes(image.read_bytes())
+    zebra = next((demo_dir / "train" / "one").iterdir())
+    (other_data / "train" / "zebra" / "z.jpg").write_bytes(zebra.read_bytes())
+    classes = run_trainer(f"--data_dir={other_data}", f"--model_dir={model_dir}",
+                          *FAST_DEMO_FLAGS, "--train_steps=8", "--batch_size=4",
+                          "--distribution_strategy=one_device", check=False)
+    assert classes.returncode == 1
+    assert "new ['zebra']" in classes.stderr.strip().splitlines()[-1]
+
+
+def test_non_finite_loss_stops_without_a_bad_checkpoint(demo_dir, tmp_path):
+    model_dir = tmp_path / "diverge"
+    result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}",
+                         *FAST_DEMO_FLAGS, "--train_steps=40", "--optimizer=sgd",
+                         "--base_lr=1e12", "--warmup_epochs=0", "--checkpoint_every_steps=1",
+                         "--distribution_strategy=one_device", check=False)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("trainer: non-finite training loss at step "), message
+    for path in tf.train.get_checkpoint_state(str(model_dir / "checkpoints")
+                                              ).all_model_checkpoint_paths \
+            if (model_dir / "checkpoints").exists() else []:
+        for name, value in _model_variables(path).items():
+            assert np.all(np.isfinite(value)), (path, name)
+    assert not (model_dir / "results.json").exists()
+
+
+# ---- cross-replica numerics, in process ----------------------------------------------------
+def _step_once(strategy, images, labels, *, clip=0.0, precision="float32", make_model):
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        with strategy.scope():
+            model = make_model()
+            optimizer = keras.optimizers.SGD(learning_rate=1.0)
+            if precision == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+        steps = StepFunctions(strategy, model, optimizer, global_batch_size=len(labels),
+                              train_metrics=Metrics.create("a"), eval_metrics=Metrics.create("b"),
+                              clip_grad_norm=clip)
+        before = [w.copy() for w in model.get_weights()]
+        weights = tf.ones(len(labels))
+        dataset = tf.data.Dataset.from_tensors((images, labels, weights))
+        dist = strategy.experimental_distribute_dataset(dataset)  # splits the global batch
+        steps.train_loop(iter(dist), tf.constant(1))
+        return before, model.get_weights(), optimizer
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _linear_model():
+    keras.utils.set_random_seed(7)
+    return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                             keras.layers.Dense(3)])
+
+
+def test_clip_grad_norm_uses_the_global_norm_across_replicas(two_replicas):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (8, 4, 4, 3)).astype("float32")
+    labels = rng.integers(0, 3, 8).astype("int32")
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    two = two_replicas
+    before, clipped_one, _ = _step_once(one, images, labels, clip=0.5, make_model=_linear_model)
+    _, clipped_two, _ = _step_once(two, images, labels, clip=0.5, make_model=_linear_model)
+    _, unclipped, _ = _step_once(one, images, labels, make_model=_linear_model)
+    for a, b in zip(clipped_one, clipped_two):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    update = np.concatenate([(a - b).ravel() for a, b in zip(clipped_one, before)])
+    assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-4)  # lr 1: update = clipped grad
+    raw = np.concatenate([(a - b).ravel() for a, b in zip(unclipped, before)])
+    assert np.linalg.norm(raw) > 1.0  # clipping did something
+
+
+def _overflowing_model():
+    """float16 overflows to inf for pixel values near 255 (x * 1000 > 65504)."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Rescaling(1000.0),
+                             keras.layers.Flatten(), keras.layers.Dense(3, dtype="float32")])
+
+
+def test_float16_overflow_on_one_replica_skips_the_step_on_all(two_replicas):
+    labels = np.array([0, 1, 2, 0], "int32")
+    images = np.zeros((4, 4, 4, 3), "float32")
+    images[2:] = 255.0  # the second half of the global batch goes to replica 1 only
+    two = two_replicas
+    before, after, optimizer = _step_once(two, images, labels, precision="mixed_float16",
+                                          make_model=_overflowing_model)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)  # skipped everywhere, nothing applied
+    assert float(optimizer.dynamic_scale.numpy()) == pytest.approx(2.0 ** 15 / 2)
+    # A finite batch is applied normally.
+    before, after, optimizer = _step_once(two, np.zeros_like(images), labels,
+                                          precision="mixed_float16",
+                                          make_model=_overflowing_model)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+# ---- multi-worker --------------------------------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_train_together_and_the_chief_checkpoint_resumes(demo_dir, tmp_path):
+    model_dir = tmp_path / "mw"
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    flags = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
+             "--train_steps=6", "--steps_per_loop=3", "--distribution_strategy="
+             "multi_worker_mirrored")
+    workers = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            TMPDIR=str(tmp_path / f"tmp{index}"))
+        (tmp_path / f"tmp{index}").mkdir()
+        workers.append(subprocess.Popen(trainer_command(*flags), cwd=REPO, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True))
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+    # Both workers used 2 replicas and ended with the same weights (same losses logged).
+    assert "2 replica(s)" in outputs[0][0] and "2 replica(s)" in outputs[1][0]
+    final = [line for line in outputs[0][0].splitlines() if line.startswith("final valid")]
+    assert final == [l for l in outputs[1][0].splitlines() if l.startswith("final valid")]
+    # Only the chief wrote into model_dir; the other worker's scratch directory is gone.
+    assert (model_dir / "results.json").exists()
+    assert list((tmp_path / "tmp1").iterdir()) == []
+    assert _latest_step(model_dir / "checkpoints") == 6
+    # The chief's checkpoint resumes in a single-process run with one replica.
+    result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
+                         "--train_steps=9", "--steps_per_loop=3",
+                         "--distribution_strategy=one_device")
+    assert "at step 6" in result.stdout and "step 9/9" in result.stdout
