@@ -28,13 +28,44 @@ class Augment:
     flip: bool = True
 
 
-def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [size, size, 3]; shared by training, evaluation
-    and the exported model so that all three see identical pixels."""
+def _bmp_palette_lookup(image_bytes: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
+    """TensorFlow's BMP decoder returns the palette *indices* of an 8-bit BMP as grey levels;
+    map them through the file's colour table (BGRA entries after the DIB header)."""
+    header = tf.io.decode_raw(tf.strings.substr(image_bytes, 0, 54), tf.uint8)
+    header = tf.cast(header, tf.int32)
+    dib_size = header[14] + 256 * header[15] + 65536 * header[16]
+    colours = header[46] + 256 * header[47] + 65536 * header[48]
+    colours = tf.where((colours <= 0) | (colours > 256), 256, colours)
+    table = tf.io.decode_raw(tf.strings.substr(image_bytes, 14 + dib_size, 4 * colours), tf.uint8)
+    table = tf.reshape(table, [-1, 4])[:, 2::-1]  # BGRA -> RGB
+    return tf.gather(table, tf.minimum(tf.cast(indices, tf.int32), tf.shape(table)[0] - 1))
+
+
+def decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG (incl. grayscale and CMYK), PNG (grey, palette, RGBA, 16-bit), GIF (first
+    frame), BMP (incl. 8-bit palette) or WebP bytes, whatever the file name says -> uint8
+    [height, width, 3]. Raises tf.errors.InvalidArgumentError for anything else (empty files,
+    truncated JPEGs, HTML pages); data/check.py runs this very function to find such files."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
+    # The first 30 bytes, zero-padded (a valid GIF can be shorter): "BM" and 8 bits per pixel.
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, 30),
+                                              b"\0" * 30]), 0, 30)
+    is_palette_bmp = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 2), b"BM"),
+                                    tf.equal(tf.strings.substr(head, 28, 2), b"\x08\x00"))
+    return tf.cond(is_palette_bmp, lambda: _bmp_palette_lookup(image_bytes, image[:, :, 0]),
+                   lambda: image)
+
+
+def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded image bytes (see `decode_rgb`) -> uint8 [size, size, 3]; shared by training,
+    evaluation, the data check and the exported model so that all see identical pixels."""
+    return resize_uint8(decode_rgb(image_bytes), image_size)
 
 
 def _read(path: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -149,3 +180,21 @@ def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cach
     if cache:
         ds = ds.cache()
     return ds.batch(per_replica_batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def synthetic_dataset(*, image_size: int, num_classes: int, global_batch_size: int, seed: int,
+                      num_steps: int, context: tf.distribute.InputContext | None = None
+                      ) -> tf.data.Dataset:
+    """One random uint8 batch per replica, repeated from memory: the model's compute ceiling
+    without file reading or decoding (for measuring a host without its data)."""
+    num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_shard(context)
+    per_replica_batch = global_batch_size // (num_pipelines * replicas_per_pipeline)
+    batch_seed = tf.constant([seed, pipeline_id], tf.int64)
+    images = tf.cast(tf.random.stateless_uniform(
+        [per_replica_batch, image_size, image_size, 3], batch_seed, maxval=256, dtype=tf.int32),
+        tf.uint8)
+    labels = tf.random.stateless_uniform([per_replica_batch], batch_seed + 1, maxval=num_classes,
+                                         dtype=tf.int32)
+    weights = tf.ones([per_replica_batch], tf.float32)
+    ds = tf.data.Dataset.from_tensors((images, labels, weights)).repeat()
+    return ds.take(num_steps * replicas_per_pipeline).prefetch(AUTOTUNE)

@@ -17,8 +17,16 @@ MODELS: dict[str, str] = {
 }
 
 
+# Smallest --image_size a model accepts (keras.applications.ResNet50 refuses below 32x32).
+MIN_IMAGE_SIZE: dict[str, int] = {"resnet50": 32}
+
+
 def model_names() -> list[str]:
     return sorted(MODELS)
+
+
+def min_image_size(name: str) -> int:
+    return MIN_IMAGE_SIZE.get(name, 8)
 
 
 def build(name: str, num_classes: int, image_size: int):

@@ -66,3 +66,67 @@ class CheckpointKeeper:
         if latest and tf.train.load_variable(latest, "step/.ATTRIBUTES/VARIABLE_VALUE") == step:
             return latest
         return self.manager.save(check_interval=False)
+
+
+BEST_STATE_FILE = "best.json"
+
+
+class BestCheckpoint:
+    """The checkpoint with the highest validation accuracy so far, kept apart from the latest K
+    (which CheckpointManager deletes as training goes on).
+
+    `directory` (model_dir/checkpoints/best) holds `ckpt-<step>.index`, `ckpt-<step>.data-*` and
+    `best.json` ({"step", "valid_accuracy", "checkpoint"}). A new best is written under its own
+    prefix first; then best.json is replaced atomically to point at it; only then are the older
+    files deleted. A kill at any moment leaves best.json naming a complete checkpoint.
+
+    Every worker calls `update` with the same (globally reduced) accuracy, so all make the same
+    decision and run the same save. Non-chief workers write to a scratch `directory` but start
+    from the chief's record (`state_directory`), so a resumed run remembers the best so far.
+    Ties keep the earlier step.
+    """
+
+    def __init__(self, directory: str, checkpoint: tf.train.Checkpoint, *,
+                 state_directory: str | None = None):
+        self.directory = directory
+        self.checkpoint = checkpoint
+        self.state = self.read(state_directory or directory)
+
+    @staticmethod
+    def read(directory: str) -> dict | None:
+        """best.json of `directory` with "path" (the checkpoint prefix) added, or None."""
+        path = os.path.join(directory, BEST_STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        state = read_json(path)
+        state["path"] = os.path.join(directory, state["checkpoint"])
+        return state
+
+    def update(self, step: int, accuracy: float) -> bool:
+        """Save the model as the best one if `accuracy` beats the best so far; True if saved."""
+        if self.state is not None and accuracy <= self.state["valid_accuracy"]:
+            return False
+        os.makedirs(self.directory, exist_ok=True)
+        name = f"ckpt-{int(step)}"
+        self.checkpoint.write(os.path.join(self.directory, name))
+        record = {"step": int(step), "valid_accuracy": float(accuracy), "checkpoint": name}
+        atomic_write_text(os.path.join(self.directory, BEST_STATE_FILE),
+                          json.dumps(record, indent=2))
+        for entry in os.listdir(self.directory):
+            if entry.startswith("ckpt-") and entry.split(".")[0] != name:
+                os.remove(os.path.join(self.directory, entry))
+        self.state = dict(record, path=os.path.join(self.directory, name))
+        return True
+
+    def describe(self) -> str:
+        if self.state is None:
+            return "best checkpoint: none yet"
+        return (f"best checkpoint: step {self.state['step']} "
+                f"(valid acc {self.state['valid_accuracy']:.4f})")
+
+    def summary(self) -> dict | None:
+        """For results.json: step, valid accuracy and checkpoint prefix of the best model."""
+        if self.state is None:
+            return None
+        return {"step": self.state["step"], "valid_accuracy": self.state["valid_accuracy"],
+                "path": self.state["path"]}

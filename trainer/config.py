@@ -23,6 +23,7 @@ class Config:
     crop_min_area: float
     random_flip: bool
     skip_unknown_classes: bool
+    on_bad_file: str
     # Model
     model: str
     # Batch and optimisation
@@ -46,14 +47,34 @@ class Config:
     xla: bool
     seed: int
     deterministic: bool
+    data_cache_dir: str
+    s3_anon: bool
+    s3_endpoint_url: str | None
+    synthetic_data: bool
+    synthetic_classes: int
+    export_at_end: bool
     # Outer loop cadence (0 = only at the end)
     eval_every_steps: int
     checkpoint_every_steps: int
     keep_checkpoints: int
     eval_batch_size: int
+    # TensorBoard extras
+    eval_figures: bool
+    summary_histograms: bool
+    profile_steps: str  # "A,B" or "" (see parse_profile_steps)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """"A,B" -> (A, B) with 1 <= A <= B; "" -> None; anything else raises ValueError."""
+    if not text.strip():
+        return None
+    parts = [int(part) for part in text.split(",")]  # ValueError on non-integers
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise ValueError(f"not A,B with 1 <= A <= B: {text!r}")
+    return parts[0], parts[1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,3 +63,11 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def input_options(strategy: tf.distribute.Strategy) -> tf.distribute.InputOptions:
+    """Without accelerators, batches already sit in host memory where the (logical CPU)
+    replicas run: skip the per-device prefetch-and-copy stage, which only competes for cores."""
+    on_accelerators = any("GPU" in d.upper() or "TPU" in d.upper()
+                          for d in strategy.extended.worker_devices)
+    return tf.distribute.InputOptions(experimental_fetch_to_device=on_accelerators)

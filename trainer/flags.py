@@ -5,12 +5,14 @@ This is the only module that reads absl flags; everything below it takes a `Conf
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 
 from absl import flags
 
 from models import registry
-from trainer.config import Config
+from trainer.config import Config, parse_profile_steps
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
 PRECISIONS = ("none", "bfloat16", "float16")
@@ -30,6 +32,9 @@ flags.DEFINE_float("crop_min_area", 0.25, "Random-resized crop: smallest fractio
 flags.DEFINE_boolean("random_flip", True, "Random horizontal flips in training.")
 flags.DEFINE_boolean("skip_unknown_classes", False, "Leave out valid/test images whose class "
                      "is not in train, instead of stopping.")
+flags.DEFINE_enum("on_bad_file", "skip", ["skip", "fail"], "Files the data check cannot decode "
+                  "(empty, truncated, HTML pages named .jpg): `skip` leaves them out and lists "
+                  "them in model_dir/data_report.txt; `fail` stops before training.")
 # --- model ----------------------------------------------------------------------------------
 flags.DEFINE_enum("model", "resnet50", registry.model_names(), "Model architecture.")
 # --- batch and optimisation -----------------------------------------------------------------
@@ -70,12 +75,56 @@ flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into N logical device
 flags.DEFINE_enum("mixed_precision", "none", PRECISIONS, "Compute dtype; float16 uses dynamic "
                   "loss scaling.")
 flags.DEFINE_boolean("xla", False, "Compile the replica step with XLA (jit_compile).")
-flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.")
+flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.",
+                     lower_bound=0, upper_bound=2**32 - 1)
 flags.DEFINE_boolean("deterministic", False, "Turn on TensorFlow op determinism: an interrupted "
                      "and resumed run ends with weights bit-identical to an uninterrupted one "
                      "(slower).")
+# --- TensorBoard extras ---------------------------------------------------------------------
+flags.DEFINE_boolean("eval_figures", True, "At each evaluation, one more pass over the split to "
+                     "draw its confusion matrix and a gallery of misclassified images.")
+flags.DEFINE_boolean("summary_histograms", False, "Weight histograms each loop and the global "
+                     "gradient norm (one more all-reduce per step).")
+flags.DEFINE_string("profile_steps", "", "A,B: trace the loops covering training steps A..B "
+                    "(1-based) with tf.profiler into model_dir/train (Profile tab; needs "
+                    "tensorboard-plugin-profile to view); empty: off.")
 
-flags.mark_flags_as_required(["data_dir", "model_dir"])
+flags.DEFINE_string("data_cache_dir", "dataset", "Where --data_dir=s3://BUCKET/PREFIX is synced "
+                    "to (as DATA_CACHE_DIR/BUCKET/PREFIX) before training; every worker syncs "
+                    "its own copy.")
+flags.DEFINE_boolean("s3_anon", False, "Read S3 anonymously (public buckets); otherwise the "
+                     "standard AWS credential chain (environment, ~/.aws) is used.")
+flags.DEFINE_string("s3_endpoint_url", None, "Endpoint of an S3-compatible store (MinIO, Ceph, "
+                    "SeaweedFS); default: AWS.")
+flags.DEFINE_boolean("synthetic_data", False, "Train on in-memory random images instead of "
+                     "--data_dir (no evaluation): the model's compute ceiling on this host.")
+flags.DEFINE_integer("synthetic_classes", 1000, "Class count with --synthetic_data.",
+                     lower_bound=2)
+flags.DEFINE_boolean("export_at_end", True, "Export a SavedModel for serving when training ends.")
+
+flags.mark_flags_as_required(["model_dir"])
+
+
+@flags.multi_flags_validator(["data_dir", "synthetic_data"],
+                             message="--data_dir is required (unless --synthetic_data)")
+def _data_dir_given(values):
+    return bool(values["data_dir"]) or values["synthetic_data"]
+
+
+@flags.multi_flags_validator(["synthetic_data", "train_steps"],
+                             message="--synthetic_data needs --train_steps > 0 (it has no epochs)")
+def _synthetic_needs_steps(values):
+    return not values["synthetic_data"] or values["train_steps"] > 0
+
+
+@flags.validator("profile_steps", message="--profile_steps must be two step numbers A,B with "
+                 "1 <= A <= B, e.g. 20,30 (or empty)")
+def _profile_steps(value):
+    try:
+        parse_profile_steps(value)
+    except ValueError:
+        return False
+    return True
 
 
 @flags.multi_flags_validator(["cpu_devices", "distribution_strategy"],
@@ -90,6 +139,65 @@ def _cpu_devices_need_mirrored(values):
                              message="give a training length: --epochs > 0 or --train_steps > 0")
 def _some_duration(values):
     return values["epochs"] > 0 or values["train_steps"] > 0
+
+
+def _data_dir_has_splits(value) -> bool:
+    if not value:
+        return True  # _data_dir_given reports a missing --data_dir
+    if value.startswith("s3://"):
+        if not value[len("s3://"):].split("/")[0]:
+            raise flags.ValidationError("an S3 source looks like s3://BUCKET/PREFIX")
+        return True  # synced into --data_cache_dir and checked there
+    if not os.path.isdir(value):
+        raise flags.ValidationError("no such folder")
+    for split in ("train", "valid"):
+        if not os.path.isdir(os.path.join(value, split)):
+            raise flags.ValidationError(f"has no {split}/ folder (the layout is train/, valid/ "
+                                        f"and optionally test/, one folder per class)")
+    return True
+
+
+def _model_dir_can_be_written(value) -> bool:
+    if value is None:
+        return True
+    if not value.strip():
+        raise flags.ValidationError("must not be empty")
+    path = os.path.abspath(value)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise flags.ValidationError("exists and is not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise flags.ValidationError(f"cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise flags.ValidationError(f"{parent} is not writable")
+    return True
+
+
+flags.register_validator("data_dir", _data_dir_has_splits)
+flags.register_validator("model_dir", _model_dir_can_be_written)
+for _name in ("crop_min_area", "base_lr", "warmup_epochs", "weight_decay", "momentum",
+              "clip_grad_norm", "epochs"):
+    # absl's bounds let nan (and inf where there is no upper bound) through.
+    flags.register_validator(_name, math.isfinite, message="must be a finite number")
+flags.register_validator("base_lr", lambda value: value > 0,
+                         message="must be > 0 (a zero learning rate trains nothing)")
+
+
+@flags.multi_flags_validator(["weight_decay", "optimizer"],
+                             message="--weight_decay > 0 needs --optimizer=adamw or sgd (adam has "
+                                     "no decoupled weight decay and would ignore it)")
+def _weight_decay_needs_optimizer(values):
+    return values["weight_decay"] == 0 or values["optimizer"] != "adam"
+
+
+@flags.multi_flags_validator(["model", "image_size"])
+def _image_size_fits_model(values):
+    smallest = registry.min_image_size(values["model"])
+    if values["image_size"] < smallest:
+        raise flags.ValidationError(f"--model={values['model']} needs --image_size >= {smallest}")
+    return True
 
 
 def config_from_flags(values: flags.FlagValues = flags.FLAGS) -> Config:
@@ -110,5 +218,6 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = message.removeprefix("ERROR:: ")  # absl's "Unable to open flagfile" prefix
         print(f"trainer: flag error: {message}", file=sys.stderr)
         sys.exit(2)

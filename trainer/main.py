@@ -16,7 +16,10 @@ def main(argv: list[str]) -> int:
     if not trainer_flags.flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # absl INFO lines from TF's checkpoint saver
     config = trainer_flags.config_from_flags()
-    # TensorFlow loads only now, so that flag errors above answer at once.
+    # TensorFlow loads only now, so that flag errors above answer at once; without the C++
+    # runtime's import-time lines on stderr, so that a user error is one line there.
+    from trainer.tool_flags import import_tensorflow
+    import_tensorflow()
     from data.layout import LayoutError
     from trainer.distribute import StrategyError
     from trainer.train import EXIT_PREEMPTED, Preempted, TrainingError, run

@@ -55,7 +55,8 @@ class StepFunctions:
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, *, global_batch_size: int,
                  train_metrics: Metrics, eval_metrics: Metrics, xla: bool = False,
-                 clip_grad_norm: float = 0.0):
+                 clip_grad_norm: float = 0.0, time_input: bool = True,
+                 gradient_norm: keras.metrics.Mean | None = None):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -63,6 +64,9 @@ class StepFunctions:
         self.train_metrics = train_metrics
         self.eval_metrics = eval_metrics
         self.clip_grad_norm = clip_grad_norm
+        # Off under op determinism, which refuses tf.timestamp.
+        self.time_input = time_input
+        self.gradient_norm = gradient_norm  # optional: mean global gradient norm (before clipping)
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self._replica_train = tf.function(self._replica_train_step, jit_compile=xla or None)
         self._replica_eval = tf.function(self._replica_eval_step, jit_compile=xla or None)
@@ -82,8 +86,14 @@ class StepFunctions:
         gradients = tape.gradient(tape_loss, model.trainable_variables)
         if self._loss_scaled:
             gradients = self._poison_if_any_replica_overflowed(gradients)
+        if self.clip_grad_norm > 0 or self.gradient_norm is not None:
+            norm = self._global_norm_across_replicas(gradients)
+        if self.gradient_norm is not None:  # skipped (non-finite) float16 steps are left out
+            finite = tf.math.is_finite(norm)
+            self.gradient_norm.update_state(tf.where(finite, norm, 0.0),
+                                            sample_weight=tf.cast(finite, tf.float32))
         if self.clip_grad_norm > 0:
-            gradients = self._clip_by_global_norm_across_replicas(gradients)
+            gradients = self._clip_by_global_norm_across_replicas(gradients, norm)
         # apply_gradients sums the replicas' gradients (all-reduce) before the update.
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         self.train_metrics.update(labels, logits, per_example, weights)
@@ -101,19 +111,23 @@ class StepFunctions:
         poison = tf.where(overflowed > 0, float("nan"), 0.0)
         return [g + tf.cast(poison, g.dtype) for g in gradients]
 
-    def _clip_by_global_norm_across_replicas(self, gradients):
+    def _global_norm_across_replicas(self, gradients):
+        """The norm of the all-reduced (summed) gradient: the true gradient, not the scaled one."""
+        context = tf.distribute.get_replica_context()
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+        if self._loss_scaled:
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+            summed = [tf.cast(g, tf.float32) / scale for g in summed]
+        return tf.linalg.global_norm(summed)
+
+    def _clip_by_global_norm_across_replicas(self, gradients, norm):
         """Clip by the norm of the all-reduced (summed) gradient, as one big-batch step would.
 
         Keras' `global_clipnorm` clips each replica's gradient before the all-reduce. Here the
         replicas' gradients are summed once to measure the norm; each replica then scales its
         own gradient by the same factor, so the optimizer's own all-reduce yields the clipped sum.
+        `norm` is `_global_norm_across_replicas(gradients)`.
         """
-        context = tf.distribute.get_replica_context()
-        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-        if self._loss_scaled:  # the norm of the true gradient, not of the scaled one
-            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
-            summed = [tf.cast(g, tf.float32) / scale for g in summed]
-        norm = tf.linalg.global_norm(summed)
         factor = tf.minimum(1.0, self.clip_grad_norm / tf.maximum(norm, 1e-12))
         return [g * tf.cast(factor, g.dtype) for g in gradients]
 
@@ -124,26 +138,52 @@ class StepFunctions:
 
     # --- cross-replica loops ----------------------------------------------------------------
     def _train_loop(self, iterator, num_steps):
-        """Runs num_steps steps; returns the true mean loss of each step's global batch."""
+        """Runs num_steps steps. Returns the true mean loss of each step's global batch, and the
+        seconds spent blocked on the input pipeline (timestamps around `next(iterator)`; stateful
+        ops keep their program order inside a tf.function, so the interval is the wait)."""
         step_losses = tf.TensorArray(tf.float32, size=num_steps)
+        input_seconds = tf.constant(0.0, tf.float64)
+        previous_loss = tf.constant(0.0)
         for i in tf.range(num_steps):
-            per_replica_sum = self.strategy.run(self._replica_train, args=next(iterator))
+            if self.time_input:
+                # Without this dependency the loop may start timing step i+1 during step i.
+                with tf.control_dependencies([previous_loss]):
+                    before = tf.timestamp()
+                with tf.control_dependencies([before]):
+                    batch = next(iterator)
+                with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+                    input_seconds += tf.timestamp() - before
+            else:
+                batch = next(iterator)
+            per_replica_sum = self.strategy.run(self._replica_train, args=batch)
             loss_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_sum, axis=None)
-            step_losses = step_losses.write(i, loss_sum / self.global_batch_size)
+            previous_loss = loss_sum / self.global_batch_size
+            step_losses = step_losses.write(i, previous_loss)
         if self.strategy.num_replicas_in_sync > 1:
-            self.strategy.run(self._replica_average_model_state)
-        return step_losses.stack()
+            self._average_model_state()
+        return step_losses.stack(), input_seconds
 
-    def _replica_average_model_state(self):
+    def _average_model_state(self):
         """Keras 3 BatchNormalization updates its moving statistics per replica (mirrored
         variables with aggregation NONE), so replicas drift apart while the checkpoint keeps
         replica 0's copy. Averaging them after each loop makes every replica, the checkpoint and
         the exported model hold the same values. The moving averages are linear in the batch
         statistics, so this equals averaging at every step."""
-        context = tf.distribute.get_replica_context()
-        for variable in self.model.non_trainable_variables:
-            if keras.backend.is_float_dtype(variable.dtype):
-                variable.assign(context.all_reduce(tf.distribute.ReduceOp.MEAN, variable.value))
+        state = [v for v in self.model.non_trainable_variables
+                 if keras.backend.is_float_dtype(v.dtype)]
+        if not state:
+            return
+
+        def replica_means():
+            context = tf.distribute.get_replica_context()
+            # tf.identity: this replica's copy as a plain tensor (all_reduce of the variable
+            # object itself fails under MultiWorkerMirroredStrategy).
+            return [context.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value))
+                    for v in state]
+
+        means = self.strategy.run(replica_means)
+        for variable, mean in zip(state, means):  # cross-replica assign: every local copy
+            variable.assign(self.strategy.experimental_local_results(mean)[0])
 
     def _eval_loop(self, dataset):
         for batch in dataset:

@@ -23,10 +23,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data import layout, pipeline
+from data import check, layout, pipeline
 from models import registry
-from trainer import checkpoints, distribute, summaries
-from trainer.config import Config, RunPlan
+from trainer import checkpoints, distribute, evaluation, performance, serving, summaries
+from trainer.config import Config, RunPlan, parse_profile_steps
 from trainer.optimization import current_learning_rate, make_optimizer
 from trainer.step import Metrics, StepFunctions
 
@@ -53,6 +53,20 @@ class Inputs:
     class_names: list[str]
     train: layout.SplitFiles
     eval_splits: dict[str, layout.SplitFiles]
+    synthetic: bool = False
+
+    @property
+    def num_train_images(self) -> int:
+        return SYNTHETIC_EPOCH_IMAGES if self.synthetic else len(self.train)
+
+
+# An "epoch" of --synthetic_data, which has no dataset to define one.
+SYNTHETIC_EPOCH_IMAGES = 10_000
+
+
+def synthetic_inputs(config: Config) -> Inputs:
+    names = [f"synthetic_{i:04d}" for i in range(config.synthetic_classes)]
+    return Inputs(names, layout.SplitFiles("train", (), ()), {}, synthetic=True)
 
 
 def _log(message: str) -> None:
@@ -79,18 +93,43 @@ def read_inputs(config: Config) -> Inputs:
             raise TrainingError(
                 f"the train classes of {config.data_dir!r} differ from the run in "
                 f"{config.model_dir!r}: new {added or 'none'}, missing {removed or 'none'}")
-    train = layout.scan_split(config.data_dir, "train", class_names)
-    eval_splits = {}
-    for split in ("valid", "test"):
-        if os.path.isdir(os.path.join(config.data_dir, split)):
-            eval_splits[split] = layout.scan_split(config.data_dir, split, class_names,
-                                                   config.skip_unknown_classes)
-            for folder, train_name in eval_splits[split].renamed:
-                _log(f"warning: {split} class folder {folder!r} taken as train class "
-                     f"{train_name!r} (they differ only by whitespace or case)")
-    if "valid" not in eval_splits:
-        raise TrainingError(f"{config.data_dir!r} has no valid/ split")
-    return Inputs(class_names, train, eval_splits)
+    # The data check (data/check.py): every image decoded once by the training decoder (cached),
+    # only readable files kept, the report written to model_dir before anything can stop.
+    scanned = check.scan(config.data_dir, class_names,
+                         skip_unknown_classes=config.skip_unknown_classes,
+                         on_bad_file=config.on_bad_file,
+                         cache_path=check.default_cache_path(config.data_dir, config.model_dir),
+                         log=_log)
+    report_path = scanned.report.write(config.model_dir)
+    for warning in scanned.report.warnings:
+        _log(f"warning: {warning}")
+    if scanned.report.errors:
+        raise TrainingError(scanned.report.error_line(report_path))
+    eval_splits = {split: files for split, files in scanned.splits.items() if split != "train"}
+    return Inputs(class_names, scanned.splits["train"], eval_splits)
+
+
+def sync_from_s3(config: Config) -> str:
+    """Sync --data_dir=s3://BUCKET/PREFIX into DATA_CACHE_DIR/BUCKET/PREFIX; returns that path.
+    Incremental: a restart re-downloads nothing that is already complete."""
+    from data import s3
+    try:
+        bucket, prefix = s3.parse_s3_url(config.data_dir)
+    except ValueError as e:
+        raise TrainingError(f"--data_dir: {e}") from None
+    local = os.path.join(config.data_cache_dir, bucket, prefix)
+    _log(f"syncing {config.data_dir} to {local}")
+    try:
+        summary = s3.sync(config.data_dir, local, anon=config.s3_anon,
+                          endpoint_url=config.s3_endpoint_url, progress=False)
+    except s3.S3SyncError as e:
+        raise TrainingError(f"--data_dir: {e}") from None
+    _log(summary.describe())
+    if not summary.ok:
+        raise TrainingError(f"--data_dir: {summary.failed} file(s) of {config.data_dir} failed "
+                            f"to download and {len(summary.refused)} were refused; run again to "
+                            f"retry (complete files are kept)")
+    return local
 
 
 def check_resume_compatible(config: Config) -> None:
@@ -127,15 +166,18 @@ def run(config: Config) -> dict:
     # Every worker saves (collective ops), but only the chief's files are kept.
     work_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="worker-")
     check_resume_compatible(config)
-    inputs = read_inputs(config)
-    plan = RunPlan.make(config, strategy.num_replicas_in_sync, len(inputs.train))
+    saved_config = config
+    if config.data_dir and config.data_dir.startswith("s3://"):
+        config = dataclasses.replace(config, data_dir=sync_from_s3(config))
+    inputs = synthetic_inputs(config) if config.synthetic_data else read_inputs(config)
+    plan = RunPlan.make(config, strategy.num_replicas_in_sync, inputs.num_train_images)
     check_plan(config, plan)
     if chief:
         os.makedirs(config.model_dir, exist_ok=True)
         checkpoints.atomic_write_text(os.path.join(config.model_dir, "classes.json"),
                                       json.dumps(inputs.class_names, indent=1))
         checkpoints.atomic_write_text(os.path.join(config.model_dir, "config.json"),
-                                      config.to_json())
+                                      saved_config.to_json())
         checkpoints.atomic_write_text(os.path.join(config.model_dir, "plan.json"),
                                       json.dumps(dataclasses.asdict(plan), indent=2))
     try:
@@ -162,15 +204,22 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         train_metrics, eval_metrics = Metrics.create("train"), Metrics.create("eval")
+        gradient_norm = keras.metrics.Mean(name="gradient_norm") \
+            if config.summary_histograms else None
     steps = StepFunctions(strategy, model, optimizer, global_batch_size=plan.global_batch_size,
                           train_metrics=train_metrics, eval_metrics=eval_metrics, xla=config.xla,
-                          clip_grad_norm=config.clip_grad_norm)
+                          clip_grad_norm=config.clip_grad_norm, gradient_norm=gradient_norm,
+                          time_input=not config.deterministic)
 
     # --- restore -----------------------------------------------------------------------------
     keeper = checkpoints.CheckpointKeeper(
         os.path.join(work_dir, "checkpoints"), model=model, optimizer=optimizer, step=step,
         max_to_keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
     restored = keeper.restore_latest(os.path.join(config.model_dir, "checkpoints"))
+    # The best model by valid accuracy, kept apart from the latest K (state read from the chief).
+    best = checkpoints.BestCheckpoint(
+        os.path.join(work_dir, "checkpoints", "best"), keeper.checkpoint,
+        state_directory=os.path.join(config.model_dir, "checkpoints", "best"))
     start_step = int(step.numpy())
     if restored:
         _log(f"resumed from {restored} at step {start_step} (epoch "
@@ -185,17 +234,23 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     writers = summaries.Summaries(config.model_dir if chief else None)
     loss_log = StepLossLog(os.path.join(work_dir, "step_losses.tsv"))
     if start_step == 0:
-        _write_run_description(config, plan, inputs, writers)
+        _write_run_description(config, plan, inputs, writers, strategy)
 
     # --- inputs from the restored position ---------------------------------------------------
     def train_fn(context):
+        if inputs.synthetic:
+            return pipeline.synthetic_dataset(
+                image_size=config.image_size, num_classes=len(inputs.class_names),
+                global_batch_size=plan.global_batch_size, seed=config.seed,
+                num_steps=plan.total_steps - start_step, context=context)
         return pipeline.train_dataset(
             inputs.train.files, inputs.train.labels, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=start_step,
             total_steps=plan.total_steps, cache=config.cache_images, context=context,
             augment=pipeline.Augment(config.crop_min_area, config.random_flip))
 
-    train_iterator = iter(strategy.distribute_datasets_from_function(train_fn)) \
+    train_iterator = iter(strategy.distribute_datasets_from_function(
+        train_fn, distribute.input_options(strategy))) \
         if start_step < plan.total_steps else None
     eval_datasets = {}
 
@@ -219,20 +274,29 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                          for sig in (signal.SIGTERM, signal.SIGINT)}
     eval_every = config.eval_every_steps or plan.steps_per_epoch
     current = start_step
-    loop_rates, first_loop_seconds = [], None
+    loop_rates, input_shares, first_loop_seconds = [], [], None
+    overhead_seconds = 0.0  # checkpoints and summaries inside the loop
+    loop_start_time = time.time()
+    speed = Speedometer.measure(model, config, strategy)
     _log(f"training {config.model} on {plan.num_train_images} images, {len(inputs.class_names)} "
          f"classes, {plan.num_replicas} replica(s), global batch {plan.global_batch_size}, "
          f"{plan.total_steps} steps ({plan.steps_per_epoch} per epoch), peak lr "
          f"{plan.learning_rate:g}")
+    profile = summaries.ProfileWindow(parse_profile_steps(config.profile_steps),
+                                      os.path.join(config.model_dir, "train") if chief else None)
     try:
         while current < plan.total_steps:
             next_eval = (current // eval_every + 1) * eval_every
             num = min(config.steps_per_loop, plan.total_steps - current, next_eval - current)
+            profile.before_loop(current + 1, current + num)
             train_metrics.reset()
             loop_start = time.time()
-            step_losses = steps.train_loop(train_iterator, tf.constant(num, tf.int32)).numpy()
+            step_losses, input_seconds = steps.train_loop(train_iterator,
+                                                          tf.constant(num, tf.int32))
+            step_losses = step_losses.numpy()
             step.assign_add(num)
             current += num
+            profile.after_loop(current)
             seconds = time.time() - loop_start
             if not np.all(np.isfinite(step_losses)):
                 bad = current - num + int(np.argmin(np.isfinite(step_losses)))
@@ -245,24 +309,43 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                 first_loop_seconds = seconds  # includes tracing; not a steady-state rate
             else:
                 loop_rates.append(rate)
+                if steps.time_input:
+                    input_shares.append(float(input_seconds) / seconds)
             values = train_metrics.results()
             del values["images"]
             values.update(learning_rate=current_learning_rate(optimizer), images_per_second=rate,
-                          step_time_ms=1000 * seconds / num)
+                          step_time_ms=1000 * seconds / num,
+                          mfu=rate * speed.train_flops_per_image / speed.ceiling)
+            if steps.time_input:
+                values["input_wait_share"] = float(input_seconds) / seconds
+            if gradient_norm is not None:
+                values["gradient_norm"] = float(gradient_norm.result())
+                gradient_norm.reset_state()
+                summaries.write_histograms(writers.train, current, model.trainable_variables)
+            overhead_start = time.time()
             writers.scalars(writers.train, current, values, "train")
             remaining = (plan.total_steps - current) * plan.global_batch_size / (
                 np.mean(loop_rates) if loop_rates else rate)
             _log(f"epoch {plan.epoch_of(current - 1) + 1} step {current}/{plan.total_steps} "
                  f"loss {values['loss']:.4f} acc {values['accuracy']:.4f} "
                  f"lr {values['learning_rate']:.3g} {rate:.1f} img/s "
+                 f"input {values.get('input_wait_share', float('nan')):.0%} "
+                 f"MFU {values['mfu']:.1%} "
                  f"ETA {_format_duration(remaining)}")
-            if current % eval_every == 0 and current < plan.total_steps:
+            overhead_seconds += time.time() - overhead_start
+            if current % eval_every == 0 and current < plan.total_steps and inputs.eval_splits:
                 valid = evaluate("valid")
                 writers.scalars(writers.eval, current, valid, "valid")
+                if chief and config.eval_figures:
+                    _write_eval_figures(config, plan, inputs, model, writers, "valid", current)
                 _log(f"  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f} "
                      f"top5 {valid['top5_accuracy']:.4f}")
+                best.update(current, valid["accuracy"])
+                _log(f"  {best.describe()}")
+            overhead_start = time.time()
             keeper.save()
             writers.flush()
+            overhead_seconds += time.time() - overhead_start
             if stop_signal:
                 path = keeper.save(force=True) or keeper.manager.latest_checkpoint
                 _log(f"stopped by signal {stop_signal[0]} at step {current}: checkpoint {path} "
@@ -270,6 +353,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                      f"(exit code {EXIT_PREEMPTED})")
                 raise Preempted(current)
     finally:
+        profile.stop()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
@@ -279,12 +363,23 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     for split in inputs.eval_splits:
         results["splits"][split] = evaluate(split)
         writers.scalars(writers.eval, current, results["splits"][split], split)
+        if chief and config.eval_figures:
+            _write_eval_figures(config, plan, inputs, model, writers, split, current)
         r = results["splits"][split]
         _log(f"final {split}: loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
              f"top5 {r['top5_accuracy']:.4f} ({r['images']} images)")
+    if "valid" in results["splits"]:
+        best.update(current, results["splits"]["valid"]["accuracy"])
+        _log(best.describe())
+    results["best_checkpoint"] = best.summary()
     writers.flush()
     results.update(
         images_per_second=float(np.mean(loop_rates)) if loop_rates else None,
+        mfu=float(np.mean(loop_rates)) * speed.train_flops_per_image / speed.ceiling
+        if loop_rates else None,
+        train_flops_per_image=speed.train_flops_per_image, ceiling_flops=speed.ceiling,
+        input_wait_share=float(np.mean(input_shares)) if input_shares else None,
+        checkpoint_and_summary_share=overhead_seconds / max(1e-9, time.time() - loop_start_time),
         first_loop_seconds=first_loop_seconds, wall_seconds=time.time() - run_start,
         num_replicas=plan.num_replicas, global_batch_size=plan.global_batch_size)
     if chief:
@@ -293,10 +388,32 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         model.save(tmp_path)
         os.replace(tmp_path, model_path)
         results["model_file"] = model_path
+        if config.export_at_end:
+            results["export_dir"] = serving.export(
+                serving.inference_copy(model, config.model, len(inputs.class_names),
+                                       config.image_size),
+                inputs.class_names, config.image_size, os.path.join(config.model_dir, "export"),
+                version=current, overwrite=True)
+            _log(f"exported for serving: {results['export_dir']}")
         results_path = os.path.join(config.model_dir, "results.json")
         checkpoints.atomic_write_text(results_path, json.dumps(results, indent=2))
         _log(f"results written to {results_path}")
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Speedometer:
+    """What MFU is measured against: training FLOPs per image and the machine's ceiling."""
+    train_flops_per_image: float
+    ceiling: float
+
+    @classmethod
+    def measure(cls, model, config: Config, strategy) -> "Speedometer":
+        dtype = {"none": "float32"}.get(config.mixed_precision, config.mixed_precision)
+        gpus = sum(1 for d in strategy.extended.worker_devices if "GPU" in d.upper())
+        return cls(performance.BACKWARD_FACTOR *
+                   performance.forward_flops_per_image(model, config.image_size),
+                   performance.machine_ceiling(dtype, gpus))
 
 
 class StepLossLog:
@@ -316,17 +433,45 @@ class StepLossLog:
             return {int(step): float(loss) for step, loss in (line.split("\t") for line in f)}
 
 
-def _write_run_description(config: Config, plan: RunPlan, inputs: Inputs, writers) -> None:
-    """Once per run: the resolved config as text and a grid of augmented training images."""
-    rows = dataclasses.asdict(config) | {f"plan.{k}": v for k, v in dataclasses.asdict(plan).items()}
+def _write_run_description(config: Config, plan: RunPlan, inputs: Inputs, writers,
+                           strategy) -> None:
+    """Once per run: the resolved config (credentials left out) and the environment as text,
+    the hyperparameters for the HParams dashboard, and the same training images as a grid
+    before and after augmentation."""
+    config_rows, plan_rows = dataclasses.asdict(config), dataclasses.asdict(plan)
+    rows = summaries.public_fields(config_rows) | {f"plan.{k}": v for k, v in plan_rows.items()}
     writers.text(writers.train, 0, "config", summaries.markdown_table(rows))
-    sample = pipeline.train_dataset(
-        inputs.train.files, inputs.train.labels, image_size=config.image_size,
-        global_batch_size=min(9, len(inputs.train)), seed=config.seed, start_step=0,
-        total_steps=1, cache=False, augment=pipeline.Augment(config.crop_min_area,
-                                                             config.random_flip))
-    images, labels, _ = next(iter(sample))
-    titles = [inputs.class_names[i] for i in labels.numpy()]
-    writers.image(writers.train, 0, "train/sample_images",
-                  summaries.image_grid(images.numpy(), titles))
+    writers.text(writers.train, 0, "environment",
+                 summaries.markdown_table(summaries.environment(strategy)))
+    if writers.model_dir:
+        summaries.write_hparams(writers.model_dir,
+                                summaries.hparam_values(config_rows, plan_rows))
+    for tag, augment in () if inputs.synthetic else (
+            ("train/sample_images", pipeline.Augment(config.crop_min_area, config.random_flip)),
+            ("train/sample_images_unaugmented", pipeline.Augment(crop_min_area=1.0, flip=False))):
+        sample = pipeline.train_dataset(
+            inputs.train.files, inputs.train.labels, image_size=config.image_size,
+            global_batch_size=min(9, len(inputs.train)), seed=config.seed, start_step=0,
+            total_steps=1, cache=False, augment=augment)
+        images, labels, _ = next(iter(sample))
+        titles = [inputs.class_names[i] for i in labels.numpy()]
+        writers.image(writers.train, 0, tag, summaries.image_grid(images.numpy(), titles))
     writers.flush()
+
+
+def _write_eval_figures(config: Config, plan: RunPlan, inputs: Inputs, model, writers,
+                        split: str, step: int) -> None:
+    """The confusion matrix and a gallery of misclassified images of `split` at `step`
+    (eval/<split>/confusion_matrix, eval/<split>/misclassified; the tags `trainer.evaluate`
+    writes): one more pass over the split with the model, on the chief."""
+    files = inputs.eval_splits[split]
+    predictions = evaluation.predict_split(model, files.files, files.labels,
+                                           image_size=config.image_size,
+                                           batch_size=plan.eval_global_batch_size)
+    confusion = evaluation.confusion_matrix(predictions.labels, predictions.predicted,
+                                            len(inputs.class_names))
+    writers.image(writers.eval, step, f"{split}/confusion_matrix",
+                  evaluation.confusion_figure(confusion, inputs.class_names))
+    if len(predictions.gallery_index):
+        writers.image(writers.eval, step, f"{split}/misclassified",
+                      evaluation.misclassified_gallery(predictions, inputs.class_names))

@@ -1,0 +1,284 @@
+"""The speed benchmark: the trainer against Keras `fit` and against the hardware's ceiling.
+
+    python -m bench.run [--image_size=96] [--batch_size=32] [--replicas=2] [--steps=30]
+    ./run.sh bench ...
+
+Every row runs in its own process on the same bird-layout JPEG data (built offline from
+scikit-learn's sample photographs by data/photos.py), the same model, image size, global batch
+and replica count, and reports steady-state images/sec (the first `--warmup_steps` excluded and
+their time reported apart):
+
+  a  trainer               python -m trainer.main on the JPEG folders
+  b  reference fit         image_dataset_from_directory(...).prefetch(2).cache().shuffle(1000),
+                           ResNet50 compiled under MirroredStrategy, model.fit with Keras defaults
+  c  tuned fit             model.fit with jit_compile=False on this project's tf.data pipeline
+  d  trainer, synthetic    the trainer on in-memory random images: this model's compute ceiling
+  e  input pipeline        decoded, augmented, batched images/sec, no model
+  f  matmul                a 4096^3 matmul in float32 and bfloat16: the hardware's ceiling
+
+MFU = training FLOPs per image (3x the forward FLOPs that TensorFlow's profiler counts on the
+model graph) x images/sec / the float32 matmul ceiling (row f), or the bfloat16 one for
+--mixed_precision=bfloat16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROWS = ("trainer", "reference_fit", "tuned_fit", "synthetic", "input", "matmul")
+
+
+# ============================================================================================
+# Workers: each runs in a fresh process and prints one JSON line
+# ============================================================================================
+def _setup(replicas: int):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    from trainer import distribute
+    if replicas > 1:
+        distribute.split_cpu(replicas)
+        return distribute.make_strategy("mirrored", replicas)
+    return distribute.make_strategy("mirrored", 0)
+
+
+def _batch_timer():
+    """A Keras callback that records the wall time of every training batch."""
+    import keras
+
+    class BatchTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times, self.start = [], 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+
+    return BatchTimer()
+
+
+def _fit_result(timer, batch_size: int, warmup: int) -> dict:
+    steady = timer.times[warmup:]
+    return {"images_per_second": batch_size * len(steady) / sum(steady),
+            "warmup_seconds": sum(timer.times[:warmup])}
+
+
+def worker_reference_fit(args) -> dict:
+    """The reference example's approach, on current Keras (learning_rate=, not lr=)."""
+    strategy = _setup(args.replicas)
+    import keras
+    import tensorflow as tf
+    train = keras.utils.image_dataset_from_directory(
+        os.path.join(args.data_dir, "train"), image_size=(args.image_size, args.image_size),
+        batch_size=args.batch_size, label_mode="int")
+    num_classes = len(train.class_names)
+    train = train.prefetch(2).cache().shuffle(1000).repeat()
+    with strategy.scope():
+        model = keras.applications.ResNet50(weights=None, classes=num_classes,
+                                            input_shape=(args.image_size, args.image_size, 3))
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    timer = _batch_timer()
+    model.fit(train, epochs=1, steps_per_epoch=args.warmup_steps + args.steps, verbose=0,
+              callbacks=[timer])
+    return _fit_result(timer, args.batch_size, args.warmup_steps)
+
+
+def worker_tuned_fit(args) -> dict:
+    """What a careful Keras user would do: jit off, parallel decode, uint8 cache, prefetch."""
+    strategy = _setup(args.replicas)
+    import keras
+    from data import layout, pipeline
+    from models import registry
+    names = layout.train_class_names(args.data_dir)
+    split = layout.scan_split(args.data_dir, "train", names)
+    steps = args.warmup_steps + args.steps
+    dataset = pipeline.train_dataset(split.files, split.labels, image_size=args.image_size,
+                                     global_batch_size=args.batch_size, seed=0, start_step=0,
+                                     total_steps=steps)
+    with strategy.scope():
+        model = registry.build(args.model, len(names), args.image_size)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=False)
+    timer = _batch_timer()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    return _fit_result(timer, args.batch_size, args.warmup_steps)
+
+
+def worker_input(args) -> dict:
+    _setup(1)
+    from data import layout, pipeline
+    names = layout.train_class_names(args.data_dir)
+    split = layout.scan_split(args.data_dir, "train", names)
+    steps = args.warmup_steps + args.steps * 4
+    dataset = pipeline.train_dataset(split.files, split.labels, image_size=args.image_size,
+                                     global_batch_size=args.batch_size, seed=0, start_step=0,
+                                     total_steps=steps)
+    iterator = iter(dataset)
+    start = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        next(iterator)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    count = 0
+    for images, _, _ in iterator:
+        count += int(images.shape[0])
+    return {"images_per_second": count / (time.perf_counter() - start), "warmup_seconds": warmup}
+
+
+def worker_matmul(args) -> dict:
+    _setup(1)
+    from trainer import performance
+    return {"float32": performance.matmul_flops_per_second("float32"),
+            "bfloat16": performance.matmul_flops_per_second("bfloat16")}
+
+
+def worker_flops(args) -> dict:
+    _setup(1)
+    from models import registry
+    from trainer import performance
+    model = registry.build(args.model, 8, args.image_size)
+    return {"train_flops_per_image": performance.BACKWARD_FACTOR *
+            performance.forward_flops_per_image(model, args.image_size)}
+
+
+WORKERS = {"reference_fit": worker_reference_fit, "tuned_fit": worker_tuned_fit,
+           "input": worker_input, "matmul": worker_matmul, "flops": worker_flops}
+
+
+# ============================================================================================
+# The driver
+# ============================================================================================
+def _run_worker(name: str, args) -> dict:
+    command = [sys.executable, "-m", "bench.run", f"--worker={name}"] + _common_flags(args)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench worker {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _common_flags(args) -> list[str]:
+    return [f"--data_dir={args.data_dir}", f"--image_size={args.image_size}",
+            f"--batch_size={args.batch_size}", f"--replicas={args.replicas}",
+            f"--steps={args.steps}", f"--warmup_steps={args.warmup_steps}",
+            f"--model={args.model}", f"--mixed_precision={args.mixed_precision}"]
+
+
+def _run_trainer(args, synthetic: bool, model_dir: str) -> dict:
+    flags = [f"--data_dir={args.data_dir}", f"--model_dir={model_dir}", f"--model={args.model}",
+             f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
+             f"--train_steps={args.warmup_steps + args.steps}",
+             f"--steps_per_loop={args.warmup_steps}", "--distribution_strategy=mirrored",
+             f"--cpu_devices={args.replicas if args.replicas > 1 else 0}",
+             f"--mixed_precision={args.mixed_precision}", "--checkpoint_every_steps=100000",
+             "--eval_every_steps=100000", "--noexport_at_end"]
+    if synthetic:
+        flags.append("--synthetic_data")
+    result = subprocess.run([sys.executable, "-m", "trainer.main", *flags], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"trainer failed:\n{result.stderr[-3000:]}")
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    return {"images_per_second": results["images_per_second"],
+            "warmup_seconds": results["first_loop_seconds"],
+            "input_wait_share": results.get("input_wait_share"),
+            "checkpoint_and_summary_share": results.get("checkpoint_and_summary_share")}
+
+
+def measure(args) -> dict:
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as work:
+        if not args.data_dir:
+            from data import photos
+            args.data_dir = os.path.join(work, "photos")
+            photos.build(args.data_dir, image_size=max(args.image_size, 96),
+                         num_classes=8, per_class=args.images_per_class)
+        for row in args.rows:
+            print(f"bench: running {row} ...", file=sys.stderr, flush=True)
+            if row == "trainer":
+                rows[row] = _run_trainer(args, False, os.path.join(work, "trainer"))
+            elif row == "synthetic":
+                rows[row] = _run_trainer(args, True, os.path.join(work, "synthetic"))
+            else:
+                rows[row] = _run_worker(row, args)
+        flops = _run_worker("flops", args)["train_flops_per_image"]
+    return {"rows": rows, "train_flops_per_image": flops, "config": vars(args)}
+
+
+def table(measured: dict, mixed_precision: str = "none") -> str:
+    rows, flops = measured["rows"], measured["train_flops_per_image"]
+    matmul = rows.get("matmul", {})
+    ceiling = matmul.get("bfloat16" if mixed_precision == "bfloat16" else "float32")
+    trainer = rows.get("trainer", {}).get("images_per_second")
+    labels = {"trainer": "a  trainer", "reference_fit": "b  reference fit",
+              "tuned_fit": "c  tuned fit", "synthetic": "d  trainer, synthetic data",
+              "input": "e  input pipeline alone"}
+    lines = ["| row | images/sec | x trainer | MFU | warm-up s |", "|---|---:|---:|---:|---:|"]
+    for key, label in labels.items():
+        if key not in rows:
+            continue
+        rate = rows[key]["images_per_second"]
+        ratio = f"{rate / trainer:.2f}" if trainer else "-"
+        mfu = f"{rate * flops / ceiling:.1%}" if ceiling and key != "input" else "-"
+        lines.append(f"| {label} | {rate:.1f} | {ratio} | {mfu} | "
+                     f"{rows[key].get('warmup_seconds', 0):.1f} |")
+    if matmul:
+        lines.append(f"| f  matmul 4096^3 float32 | {matmul['float32'] / 1e9:.0f} GFLOP/s | | | |")
+        lines.append(f"| f  matmul 4096^3 bfloat16 | {matmul['bfloat16'] / 1e9:.0f} GFLOP/s | | | |")
+    lines.append(f"\nTraining FLOPs per image: {flops / 1e9:.2f} GFLOP (3 x forward, TensorFlow "
+                 "profiler).")
+    if "trainer" in rows and rows["trainer"].get("input_wait_share") is not None:
+        lines.append(f"Trainer: input wait {rows['trainer']['input_wait_share']:.1%} of loop "
+                     f"time, checkpoints+summaries "
+                     f"{rows['trainer']['checkpoint_and_summary_share']:.1%} of wall time.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", default="", help="bird-layout JPEG folders (default: built "
+                        "from scikit-learn's sample photos in a temporary folder)")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--batch_size", type=int, default=32, help="global batch")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
+    parser.add_argument("--warmup_steps", type=int, default=5)
+    parser.add_argument("--images_per_class", type=int, default=64)
+    parser.add_argument("--mixed_precision", default="none", choices=("none", "bfloat16"))
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--json", default="", help="also write the measurements here")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return 0
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+    if min(args.image_size, args.batch_size, args.replicas, args.steps, args.warmup_steps) < 1:
+        parser.error("--image_size, --batch_size, --replicas, --steps and --warmup_steps must "
+                     "be >= 1")
+    if args.batch_size % args.replicas:
+        parser.error(f"--batch_size={args.batch_size} does not divide by --replicas={args.replicas}")
+    measured = measure(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(measured, f, indent=2)
+    print(table(measured, args.mixed_precision))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

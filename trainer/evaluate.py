@@ -1,0 +1,91 @@
+"""Evaluate a run's checkpoint on a split:
+
+    python -m trainer.evaluate --model_dir=DIR [--split=test] [--data_dir=...]
+                               [--checkpoint=latest|best|PATH] [--output_dir=...]
+
+Restores only the model from the checkpoint, predicts every image of the split once, and writes
+<output_dir>/<split>-step<N>.json (loss, top-1, top-5, per-class precision/recall),
+-confusion.csv and -predictions.csv (default output_dir: model_dir/evaluation), plus a
+confusion-matrix figure, a gallery of misclassified images and the per-class table to
+TensorBoard under model_dir/eval (tags <split>/confusion_matrix, <split>/misclassified).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from trainer import tool_flags  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL first)
+from absl import flags  # noqa: E402
+
+from data import layout  # noqa: E402
+from trainer.saved_run import RunError, SavedRun  # noqa: E402
+
+PROGRAM = "evaluate"
+
+flags.DEFINE_string("model_dir", None, "The training run directory (config.json, classes.json, "
+                    "checkpoints/).")
+flags.DEFINE_string("split", "test", "Split folder of the dataset to evaluate (test, valid, ...).")
+flags.DEFINE_string("data_dir", None, "Dataset root (default: the run's --data_dir from "
+                    "config.json).")
+flags.DEFINE_string("checkpoint", "latest", "latest, best (highest valid accuracy), or a "
+                    "checkpoint path (prefix or directory).")
+flags.DEFINE_string("output_dir", None, "Where the JSON and CSV files go (default: "
+                    "model_dir/evaluation).")
+flags.DEFINE_integer("batch_size", 0, "Images per batch (0: the run's evaluation batch).",
+                     lower_bound=0)
+flags.DEFINE_integer("gallery_size", 24, "Misclassified images shown in the TensorBoard gallery.",
+                     lower_bound=0)
+flags.mark_flag_as_required("model_dir")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise tool_flags.ToolError(f"unexpected arguments {argv[1:]} (flags look like "
+                                   f"--name=value)")
+    run = SavedRun.load(FLAGS.model_dir)
+    data_dir = FLAGS.data_dir or run.config["data_dir"]
+    files = layout.scan_split(data_dir, FLAGS.split, run.class_names,
+                              bool(run.config.get("skip_unknown_classes")))
+    for folder, name in files.renamed:
+        print(f"warning: {FLAGS.split} class folder {folder!r} taken as train class {name!r}",
+              file=sys.stderr)
+    if files.unknown_classes:
+        print(f"warning: left out class folder(s) not in train: "
+              f"{', '.join(map(repr, files.unknown_classes))}", file=sys.stderr)
+
+    checkpoint = run.checkpoint_path(FLAGS.checkpoint)
+    tf = tool_flags.import_tensorflow()  # only now: the checks above answer at once
+
+    from trainer import evaluation
+    step = run.checkpoint_step(checkpoint)
+    model = run.restore_model(checkpoint)
+    predictions = evaluation.predict_split(
+        model, files.files, files.labels, image_size=run.image_size,
+        batch_size=FLAGS.batch_size or run.eval_batch_size, gallery_size=FLAGS.gallery_size)
+    report = evaluation.make_report(predictions, run.class_names, split=FLAGS.split, step=step,
+                                    checkpoint=checkpoint, data_dir=data_dir)
+    output_dir = FLAGS.output_dir or os.path.join(run.model_dir, "evaluation")
+    writer = tf.summary.create_file_writer(os.path.join(run.model_dir, "eval"))
+    paths = evaluation.write_report(report, predictions, output_dir, writer)
+    writer.close()
+
+    wrong = report.num_images - int(report.per_class["correct"].sum())
+    print(f"checkpoint {checkpoint} (step {step}) on {FLAGS.split}: {report.num_images} images "
+          f"from {data_dir}")
+    print(f"loss {report.loss:.4f}  top-1 {report.accuracy:.4f}  top-5 {report.top5_accuracy:.4f}"
+          f"  ({wrong} misclassified)")
+    print("\n".join(evaluation.per_class_lines(report)))
+    images = [f"{FLAGS.split}/confusion_matrix"] + [f"{FLAGS.split}/misclassified"] * bool(wrong)
+    print(f"written: {paths['json']}, {os.path.basename(paths['confusion_csv'])}, "
+          f"{os.path.basename(paths['predictions_csv'])}; TensorBoard: {', '.join(images)} "
+          f"in {os.path.join(run.model_dir, 'eval')}")
+    return 0
+
+
+def entry() -> None:
+    tool_flags.run(PROGRAM, main, errors=(RunError, layout.LayoutError))
+
+
+if __name__ == "__main__":
+    entry()
