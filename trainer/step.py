@@ -139,8 +139,10 @@ class StepFunctions:
     # --- cross-replica loops ----------------------------------------------------------------
     def _train_loop(self, iterator, num_steps):
         """Runs num_steps steps. Returns the true mean loss of each step's global batch, and the
-        seconds spent blocked on the input pipeline (timestamps around `next(iterator)`; stateful
-        ops keep their program order inside a tf.function, so the interval is the wait)."""
+        seconds spent in `next(iterator)` (timestamps around it). With one replica this is the
+        wait for input; with several replicas on one CPU it also catches the previous step's
+        tail still running on the other logical device, so it is an upper bound there
+        (docs/benchmarks.md)."""
         step_losses = tf.TensorArray(tf.float32, size=num_steps)
         input_seconds = tf.constant(0.0, tf.float64)
         previous_loss = tf.constant(0.0)
