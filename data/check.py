@@ -517,15 +517,18 @@ def scan(data_dir: str, class_names: list[str] | None = None, *,
          cache_path: str | None = None, log=None) -> ScanResult:
     """Scan `data_dir`: the readable files of each split, labelled by name from `class_names`
     (default: the train folder names), and the report. Problems that stop training are in
-    `report.errors` (the caller decides); a missing dataset or train split raises LayoutError."""
+    `report.errors` (the caller decides); a missing dataset, or a missing train split when
+    `class_names` is not given, raises LayoutError."""
     if on_bad_file not in ON_BAD_FILE:
         raise ValueError(f"on_bad_file must be one of {ON_BAD_FILE}, not {on_bad_file!r}")
     if not os.path.isdir(data_dir):
         raise layout.LayoutError(f"--data_dir={data_dir}: no such folder")
     if not os.path.isdir(os.path.join(data_dir, "train")):
-        raise layout.LayoutError(f"--data_dir={data_dir}: has no train/ split folder")
-    found = layout.train_class_names(data_dir)
-    class_names = list(class_names or found)
+        if class_names is None:  # the classes come from train
+            raise layout.LayoutError(f"--data_dir={data_dir}: has no train/ split folder")
+    else:
+        layout.train_class_names(data_dir)  # raises on two train folders for one class
+    class_names = list(class_names or layout.train_class_names(data_dir))
     label_by_key = {layout.class_key(name): i for i, name in enumerate(class_names)}
     own = {os.path.basename(cache_path)} if cache_path and \
         os.path.dirname(os.path.abspath(cache_path)) == os.path.abspath(data_dir) else set()

@@ -368,7 +368,7 @@ def test_tool_user_errors_are_one_line(trained, tmp_path):
         ("evaluate", [f"--model_dir={tmp_path / 'nowhere'}"],
          f"evaluate: --model_dir={tmp_path / 'nowhere'}: no such directory"),
         ("evaluate", [f"--model_dir={model_dir}", "--split=tset"],
-         "evaluate: split folder "),
+         "evaluate: --split=tset: "),
         ("evaluate", [f"--model_dir={model_dir}", "--checkpoint=nope"],
          "evaluate: --checkpoint=nope: not latest, best,"),
         ("export", [f"--model_dir={model_dir}", "--version=v1"],

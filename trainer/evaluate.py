@@ -17,7 +17,7 @@ import sys
 from trainer import tool_flags  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL first)
 from absl import flags  # noqa: E402
 
-from data import layout  # noqa: E402
+from data import check, layout  # noqa: E402
 from trainer.saved_run import RunError, SavedRun  # noqa: E402
 
 PROGRAM = "evaluate"
@@ -45,14 +45,19 @@ def main(argv: list[str]) -> int:
                                    f"--name=value)")
     run = SavedRun.load(FLAGS.model_dir)
     data_dir = FLAGS.data_dir or run.config["data_dir"]
-    files = layout.scan_split(data_dir, FLAGS.split, run.class_names,
-                              bool(run.config.get("skip_unknown_classes")))
-    for folder, name in files.renamed:
-        print(f"warning: {FLAGS.split} class folder {folder!r} taken as train class {name!r}",
-              file=sys.stderr)
-    if files.unknown_classes:
-        print(f"warning: left out class folder(s) not in train: "
-              f"{', '.join(map(repr, files.unknown_classes))}", file=sys.stderr)
+    if data_dir.startswith("s3://"):  # the run trained on its synced copy: evaluate that
+        bucket, _, prefix = data_dir[len("s3://"):].partition("/")
+        data_dir = os.path.join(run.config.get("data_cache_dir") or "dataset", bucket,
+                                prefix.strip("/"))
+    # The trainer's data check: unreadable files are left out (and listed), not fatal.
+    scanned = check.scan(data_dir, run.class_names,
+                         skip_unknown_classes=bool(run.config.get("skip_unknown_classes")),
+                         cache_path=check.default_cache_path(data_dir, run.model_dir))
+    if FLAGS.split not in scanned.splits:
+        raise RunError(f"--split={FLAGS.split}: {data_dir} has no readable {FLAGS.split}/ split")
+    files = scanned.splits[FLAGS.split]
+    for warning in scanned.report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
     checkpoint = run.checkpoint_path(FLAGS.checkpoint)
     tf = tool_flags.import_tensorflow()  # only now: the checks above answer at once
