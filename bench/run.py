@@ -137,8 +137,8 @@ def worker_input(args) -> dict:
 def worker_matmul(args) -> dict:
     _setup(1)
     from trainer import performance
-    return {"float32": performance.matmul_flops_per_second("float32"),
-            "bfloat16": performance.matmul_flops_per_second("bfloat16")}
+    return {dtype: performance.matmul_flops_per_second(dtype, size=args.matmul_size)
+            for dtype in ("float32", "bfloat16")}
 
 
 def worker_flops(args) -> dict:
@@ -169,7 +169,8 @@ def _common_flags(args) -> list[str]:
     return [f"--data_dir={args.data_dir}", f"--image_size={args.image_size}",
             f"--batch_size={args.batch_size}", f"--replicas={args.replicas}",
             f"--steps={args.steps}", f"--warmup_steps={args.warmup_steps}",
-            f"--model={args.model}", f"--mixed_precision={args.mixed_precision}"]
+            f"--model={args.model}", f"--mixed_precision={args.mixed_precision}",
+            f"--matmul_size={args.matmul_size}"]
 
 
 def _run_trainer(args, synthetic: bool, model_dir: str) -> dict:
@@ -232,8 +233,10 @@ def table(measured: dict, mixed_precision: str = "none") -> str:
         lines.append(f"| {label} | {rate:.1f} | {ratio} | {mfu} | "
                      f"{rows[key].get('warmup_seconds', 0):.1f} |")
     if matmul:
-        lines.append(f"| f  matmul 4096^3 float32 | {matmul['float32'] / 1e9:.0f} GFLOP/s | | | |")
-        lines.append(f"| f  matmul 4096^3 bfloat16 | {matmul['bfloat16'] / 1e9:.0f} GFLOP/s | | | |")
+        size = measured["config"]["matmul_size"]
+        for dtype in ("float32", "bfloat16"):
+            lines.append(f"| f  matmul {size}^3 {dtype} | {matmul[dtype] / 1e9:.0f} GFLOP/s "
+                         f"| | | |")
     lines.append(f"\nTraining FLOPs per image: {flops / 1e9:.2f} GFLOP (3 x forward, TensorFlow "
                  "profiler).")
     if "trainer" in rows and rows["trainer"].get("input_wait_share") is not None:
@@ -243,8 +246,13 @@ def table(measured: dict, mixed_precision: str = "none") -> str:
     return "\n".join(lines)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser = _OneLineErrors(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", default="", help="bird-layout JPEG folders (default: built "
                         "from scikit-learn's sample photos in a temporary folder)")
     parser.add_argument("--model", default="resnet50")
@@ -254,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
     parser.add_argument("--warmup_steps", type=int, default=5)
     parser.add_argument("--images_per_class", type=int, default=64)
+    parser.add_argument("--matmul_size", type=int, default=4096, help="row f: N for N^3")
     parser.add_argument("--mixed_precision", default="none", choices=("none", "bfloat16"))
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated subset of {','.join(ROWS)}")
@@ -267,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
         parser.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
-    if min(args.image_size, args.batch_size, args.replicas, args.steps, args.warmup_steps) < 1:
-        parser.error("--image_size, --batch_size, --replicas, --steps and --warmup_steps must "
-                     "be >= 1")
+    if min(args.image_size, args.batch_size, args.replicas, args.steps, args.warmup_steps,
+           args.matmul_size) < 1:
+        parser.error("--image_size, --batch_size, --replicas, --steps, --warmup_steps and "
+                     "--matmul_size must be >= 1")
     if args.batch_size % args.replicas:
         parser.error(f"--batch_size={args.batch_size} does not divide by --replicas={args.replicas}")
     measured = measure(args)

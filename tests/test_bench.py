@@ -1,0 +1,34 @@
+"""The speed benchmark runs end to end at a tiny size (no timing is asserted: it must not rot)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_bench_runs_every_row_and_prints_the_table(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--model=small_resnet", "--image_size=32",
+         "--batch_size=8", "--replicas=2", "--steps=2", "--warmup_steps=1",
+         "--images_per_class=4", "--matmul_size=256", f"--json={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(out.read_text())
+    assert set(measured["rows"]) == {"trainer", "reference_fit", "tuned_fit", "synthetic",
+                                     "input", "matmul"}
+    for row in measured["rows"].values():
+        assert all(value is None or value == value for value in row.values())  # no NaN
+    assert measured["train_flops_per_image"] > 1e6
+    for label in ("a  trainer", "b  reference fit", "c  tuned fit", "d  trainer, synthetic",
+                  "e  input pipeline alone", "f  matmul 256^3 float32", "MFU"):
+        assert label in result.stdout, result.stdout
+
+
+def test_bench_rejects_a_bad_row_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "bench.run", "--rows=trainer,warp"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown ['warp']" in result.stderr and "Traceback" not in result.stderr
