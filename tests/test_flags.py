@@ -85,7 +85,8 @@ RULES = [
     (["--clip_grad_norm=inf"], "flag --clip_grad_norm=inf: must be a finite number"),
     (["--seed=-1"], "flag --seed=-1: -1 is not an integer in the range [0, 4294967295]"),
     # unknown names
-    (["--model=vgg16"], "flag --model=vgg16: value should be one of <resnet50|small_resnet>"),
+    (["--model=vgg16"], "flag --model=vgg16: value should be one of <convnexttiny|"
+                        "efficientnetb0|mobilenetv3small|resnet50|resnet50v2|small_resnet>"),
     (["--optimizer=rmsprop"], "flag --optimizer=rmsprop: value should be one of <adam|adamw|sgd>"),
     (["--distribution_strategy=tpu"], "flag --distribution_strategy=tpu: value should be one of"),
     (["--mixed_precision=fp8"], "flag --mixed_precision=fp8: value should be one of"),
@@ -99,6 +100,23 @@ RULES = [
      "--cpu_devices > 1 needs --distribution_strategy=mirrored"),
     (["--cpu_devices=2", "--distribution_strategy=multi_worker_mirrored"],
      "--cpu_devices > 1 needs --distribution_strategy=mirrored"),
+    # models and recipes
+    (["--model=efficientnetb0", "--image_size=16"], "--model=efficientnetb0 needs --image_size >="),
+    (["--pretrained=imagenet"], "--pretrained=imagenet: --model=small_resnet has no ImageNet"),
+    (["--pretrained={root}/missing.keras"], "--pretrained={root}/missing.keras: no such file"),
+    (["--pretrained={root}/bad.cfg"], "--pretrained={root}/bad.cfg: not a .keras or .weights.h5"),
+    (["--pretrained={root}"], "--pretrained={root}: a folder, but not the model_dir of a run"),
+    (["--batch_size=32", "--grad_accum_steps=3"],
+     "--batch_size=32 does not divide into --grad_accum_steps=3 micro-batches"),
+    (["--grad_accum_steps=0"], "flag --grad_accum_steps=0: 0 is not a positive integer"),
+    (["--label_smoothing=1"], "flag --label_smoothing=1.0: must be below 1"),
+    (["--mixup_alpha=-0.2"], "flag --mixup_alpha=-0.2: -0.2 is not a non-negative number"),
+    (["--cutmix_alpha=nan"], "flag --cutmix_alpha=nan: must be a finite number"),
+    (["--ema_decay=1"], "flag --ema_decay=1.0: must be below 1"),
+    (["--randaugment=2"], "flag --randaugment=2: --randaugment must be N,M with N >= 1"),
+    (["--randaugment=2,11"], "flag --randaugment=2,11: --randaugment must be N,M"),
+    (["--backbone_lr_multiplier=0"], "flag --backbone_lr_multiplier=0.0: must be > 0"),
+    (["--freeze_backbone_epochs=-1"], "flag --freeze_backbone_epochs=-1: -1.0 is not a non-neg"),
     # folders and files
     (["--data_dir={root}/missing"], "flag --data_dir={root}/missing: no such folder"),
     (["--data_dir={root}/no_valid"], "flag --data_dir={root}/no_valid: has no valid/ folder"),

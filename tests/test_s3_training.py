@@ -7,15 +7,15 @@ from tests.conftest import FAST_DEMO_FLAGS, run_trainer
 
 
 def test_training_from_an_s3_bucket(s3_server, demo_dir, tmp_path):
-    s3_server.make_bucket("birds-public", public=True)
-    s3_server.upload_tree(str(demo_dir), "birds-public", "100-bird-species")
+    s3_server.make_bucket("trainer-e2e-public", public=True)
+    s3_server.upload_tree(str(demo_dir), "trainer-e2e-public", "100-bird-species")
     cache, model_dir = tmp_path / "cache", tmp_path / "run"
-    flags = ("--data_dir=s3://birds-public/100-bird-species", f"--data_cache_dir={cache}",
+    flags = ("--data_dir=s3://trainer-e2e-public/100-bird-species", f"--data_cache_dir={cache}",
              "--s3_anon", f"--s3_endpoint_url={s3_server.endpoint_url}",
              f"--model_dir={model_dir}", *FAST_DEMO_FLAGS, "--train_steps=6",
              "--distribution_strategy=one_device", "--noexport_at_end")
     first = run_trainer(*flags)
-    local = cache / "birds-public" / "100-bird-species"
+    local = cache / "trainer-e2e-public" / "100-bird-species"
     assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == [
         "test", "train", "valid"]
     uploaded = sum(1 for p in demo_dir.rglob("*") if p.is_file())  # images and dot-files
@@ -24,7 +24,7 @@ def test_training_from_an_s3_bucket(s3_server, demo_dir, tmp_path):
     assert results["splits"]["test"]["images"] == 270
     # The run records the S3 source, not the cache path; and credentials appear nowhere.
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["data_dir"] == "s3://birds-public/100-bird-species"
+    assert config["data_dir"] == "s3://trainer-e2e-public/100-bird-species"
     for path in model_dir.rglob("*"):
         if path.is_file():
             assert s3_server.secret.encode() not in path.read_bytes(), path

@@ -41,8 +41,11 @@ class CheckpointKeeper:
     """
 
     def __init__(self, directory: str, *, model, optimizer, step: tf.Variable,
-                 max_to_keep: int, every_steps: int):
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+                 max_to_keep: int, every_steps: int, ema=None):
+        # `ema`: the weight averages of --ema_decay (trainer/ema.py), saved as `ema/averages/i`.
+        extra = {"ema": ema} if ema is not None else {}
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
+                                              **extra)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, directory, max_to_keep=max_to_keep, step_counter=step,
             checkpoint_interval=every_steps)

@@ -26,6 +26,11 @@ class Config:
     on_bad_file: str
     # Model
     model: str
+    list_models: bool
+    # Fine-tuning
+    pretrained: str  # "", "imagenet", a .keras/.weights.h5 file or a run's model_dir
+    freeze_backbone_epochs: float
+    backbone_lr_multiplier: float
     # Batch and optimisation
     batch_size: int
     scale_batch: bool
@@ -36,6 +41,13 @@ class Config:
     weight_decay: float
     momentum: float
     clip_grad_norm: float
+    grad_accum_steps: int
+    # Training recipes
+    label_smoothing: float
+    mixup_alpha: float
+    cutmix_alpha: float
+    ema_decay: float
+    randaugment: str  # "N,M" or "" (see parse_randaugment)
     # Duration: train_steps overrides epochs when set (> 0).
     epochs: float
     train_steps: int
@@ -75,6 +87,19 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
         raise ValueError(f"not A,B with 1 <= A <= B: {text!r}")
     return parts[0], parts[1]
+
+
+def parse_randaugment(text: str) -> tuple[int, float] | None:
+    """"N,M" -> (N, M) with N >= 1 and 0 <= M <= 10; "" -> None; else ValueError."""
+    if not text.strip():
+        return None
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"not N,M: {text!r}")
+    num_ops, magnitude = int(parts[0]), float(parts[1])
+    if num_ops < 1 or not 0 <= magnitude <= 10:
+        raise ValueError(f"not N >= 1 and 0 <= M <= 10: {text!r}")
+    return num_ops, magnitude
 
 
 @dataclasses.dataclass(frozen=True)

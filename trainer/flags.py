@@ -12,7 +12,7 @@ import sys
 from absl import flags
 
 from models import registry
-from trainer.config import Config, parse_profile_steps
+from trainer.config import Config, parse_profile_steps, parse_randaugment
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
 PRECISIONS = ("none", "bfloat16", "float16")
@@ -36,7 +36,23 @@ flags.DEFINE_enum("on_bad_file", "skip", ["skip", "fail"], "Files the data check
                   "(empty, truncated, HTML pages named .jpg): `skip` leaves them out and lists "
                   "them in model_dir/data_report.txt; `fail` stops before training.")
 # --- model ----------------------------------------------------------------------------------
-flags.DEFINE_enum("model", "resnet50", registry.model_names(), "Model architecture.")
+flags.DEFINE_enum("model", "resnet50", registry.model_names(), "Model architecture "
+                  "(--list_models describes them).")
+flags.DEFINE_boolean("list_models", False, "Print the model names with a one-line description "
+                     "each and exit (no other flag needed).")
+# --- fine-tuning ----------------------------------------------------------------------------
+flags.DEFINE_string("pretrained", "", "Start from these weights: `imagenet` (keras.applications' "
+                    "backbone weights, downloaded once into ~/.keras/models), a .keras or "
+                    ".weights.h5 file, or the --model_dir of an earlier run (its latest "
+                    "checkpoint). Layers are matched by name; the head (logits) is replaced when "
+                    "the class count differs. Not used when --model_dir already holds a "
+                    "checkpoint (resume).")
+flags.DEFINE_float("freeze_backbone_epochs", 0.0, "Train only the head for this many epochs "
+                   "(the frozen backbone's BatchNorm in inference mode), then everything.",
+                   lower_bound=0.0)
+flags.DEFINE_float("backbone_lr_multiplier", 1.0, "The backbone's learning rate is the "
+                   "schedule's times this; the head's is the schedule's (weight decay is not "
+                   "scaled).", lower_bound=0.0)
 # --- batch and optimisation -----------------------------------------------------------------
 flags.DEFINE_integer("batch_size", 64, "Global batch size (per replica with --scale_batch).",
                      lower_bound=1)
@@ -53,6 +69,29 @@ flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (adamw, sgd).", 
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("clip_grad_norm", 0.0, "Clip by the global norm of the all-reduced gradient "
                    "(across replicas); 0 disables.", lower_bound=0.0)
+flags.DEFINE_integer("grad_accum_steps", 1, "Split each replica's batch into N micro-batches "
+                     "and sum their gradients before one optimizer update: the update of the "
+                     "whole batch with 1/N of the activation memory (BatchNorm sees "
+                     "micro-batches). --batch_size stays the batch per update.", lower_bound=1)
+# --- training recipes -----------------------------------------------------------------------
+flags.DEFINE_float("label_smoothing", 0.0, "Cross-entropy against (1-e)*target + e/classes; the "
+                   "reported training loss is this smoothed loss, evaluation's the plain one.",
+                   lower_bound=0.0)
+flags.DEFINE_float("mixup_alpha", 0.0, "MixUp: each training image and its label are mixed "
+                   "with another of its replica batch by a Beta(a, a) weight; 0 disables. With "
+                   "--cutmix_alpha too, each batch uses one of the two, chosen at random.",
+                   lower_bound=0.0)
+flags.DEFINE_float("cutmix_alpha", 0.0, "CutMix: a box from another image of the replica batch "
+                   "is pasted in, labels mixed by area, box area from Beta(a, a); 0 disables.",
+                   lower_bound=0.0)
+flags.DEFINE_string("randaugment", "", "N,M: RandAugment, N operations of magnitude M (0-10; "
+                    "e.g. 2,9) drawn per training image from 14 (colour, contrast, rotate, "
+                    "shear, translate, solarize, ...), seeded like the crops so resume stays "
+                    "exact; empty: off.")
+flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the weights (e.g. "
+                   "0.999; decay warmed up as min(decay, (1+t)/(10+t)) at update t): evaluation, "
+                   "best checkpoint choice, model.keras and the export use the averaged weights. "
+                   "0 disables.", lower_bound=0.0)
 # --- duration -------------------------------------------------------------------------------
 flags.DEFINE_float("epochs", 10.0, "Training length in epochs (fractions allowed).",
                    lower_bound=0.0)
@@ -127,6 +166,16 @@ def _profile_steps(value):
     return True
 
 
+@flags.validator("randaugment", message="--randaugment must be N,M with N >= 1 operations and "
+                 "a magnitude 0 <= M <= 10, e.g. 2,9 (or empty)")
+def _randaugment(value):
+    try:
+        parse_randaugment(value)
+    except ValueError:
+        return False
+    return True
+
+
 @flags.multi_flags_validator(["cpu_devices", "distribution_strategy"],
                              message="--cpu_devices > 1 needs --distribution_strategy=mirrored "
                                      "(one_device runs one replica; multi_worker_mirrored uses "
@@ -178,11 +227,54 @@ def _model_dir_can_be_written(value) -> bool:
 flags.register_validator("data_dir", _data_dir_has_splits)
 flags.register_validator("model_dir", _model_dir_can_be_written)
 for _name in ("crop_min_area", "base_lr", "warmup_epochs", "weight_decay", "momentum",
-              "clip_grad_norm", "epochs"):
+              "clip_grad_norm", "epochs", "label_smoothing", "mixup_alpha", "cutmix_alpha",
+              "ema_decay", "freeze_backbone_epochs", "backbone_lr_multiplier"):
     # absl's bounds let nan (and inf where there is no upper bound) through.
     flags.register_validator(_name, math.isfinite, message="must be a finite number")
 flags.register_validator("base_lr", lambda value: value > 0,
                          message="must be > 0 (a zero learning rate trains nothing)")
+
+
+flags.register_validator("label_smoothing", lambda value: value < 1,
+                         message="must be below 1 (1 would ignore the labels)")
+flags.register_validator("ema_decay", lambda value: value < 1,
+                         message="must be below 1 (0 disables; 0.999 is typical)")
+flags.register_validator("backbone_lr_multiplier", lambda value: value > 0,
+                         message="must be > 0 (use --freeze_backbone_epochs to freeze)")
+
+
+@flags.multi_flags_validator(["batch_size", "grad_accum_steps"])
+def _batch_splits_into_micro_batches(values):
+    if values["batch_size"] % values["grad_accum_steps"]:
+        raise flags.ValidationError(
+            f"--batch_size={values['batch_size']} does not divide into "
+            f"--grad_accum_steps={values['grad_accum_steps']} micro-batches")
+    return True
+
+
+@flags.multi_flags_validator(["pretrained", "model"])
+def _pretrained_source_exists(values):
+    source, model = values["pretrained"], values["model"]
+    if not source:
+        return True
+    if source == "imagenet":
+        if not registry.has_imagenet_weights(model):
+            having = [n for n in registry.model_names() if registry.has_imagenet_weights(n)]
+            raise flags.ValidationError(f"--pretrained=imagenet: --model={model} has no ImageNet "
+                                        f"weights (these have: {', '.join(having)})")
+        return True
+    if os.path.isdir(source):
+        if not os.path.exists(os.path.join(source, "config.json")):
+            raise flags.ValidationError(f"--pretrained={source}: a folder, but not the model_dir "
+                                        f"of a run (no config.json)")
+        return True
+    if not os.path.exists(source):
+        raise flags.ValidationError(f"--pretrained={source}: no such file or folder (give "
+                                    f"imagenet, a .keras or .weights.h5 file, or a run's "
+                                    f"model_dir)")
+    if not (source.endswith(".keras") or source.endswith(".weights.h5")):
+        raise flags.ValidationError(f"--pretrained={source}: not a .keras or .weights.h5 file")
+    return True
 
 
 @flags.multi_flags_validator(["weight_decay", "optimizer"],
@@ -212,8 +304,18 @@ def config_from_argv(argv: list[str]) -> Config:
     return config_from_flags()
 
 
+def _asks_for_model_list(argv: list[str]) -> bool:
+    return any(arg in ("--list_models", "--list_models=true", "--list_models=True",
+                       "--list_models=1") for arg in argv[1:])
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad flag or flagfile is one line on stderr and exit code 2."""
+    """absl's parser, but a bad flag or flagfile is one line on stderr and exit code 2.
+    `--list_models` on the command line prints the models and exits 0 before any other flag
+    rule (a required --model_dir, say) is checked."""
+    if _asks_for_model_list(argv):
+        print(registry.describe())
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

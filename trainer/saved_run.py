@@ -98,7 +98,8 @@ class SavedRun:
 
     def restore_model(self, path: str):
         """The run's model in float32 with the weights of checkpoint `path` (only the model is
-        restored: the optimizer slots and step in the checkpoint are left unread)."""
+        restored: the optimizer slots and step in the checkpoint are left unread). A run
+        trained with --ema_decay gets the averaged weights, as its evaluations and export did."""
         import keras
         import tensorflow as tf
 
@@ -112,6 +113,13 @@ class SavedRun:
             raise RunError(f"checkpoint {path} does not hold the weights of a "
                            f"{self.model_name} model with {len(self.class_names)} classes "
                            f"({str(e).splitlines()[0][:200]})") from None
+        if float(self.config.get("ema_decay") or 0) > 0:
+            from trainer import ema
+            try:
+                ema.restore_into(model, path)
+            except (AssertionError, ValueError) as e:
+                raise RunError(f"checkpoint {path} lacks the averaged weights of a run with "
+                               f"--ema_decay ({str(e).splitlines()[0][:200]})") from None
         return model
 
 

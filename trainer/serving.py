@@ -35,16 +35,17 @@ class ExportError(ValueError):
 
 
 def inference_copy(model: keras.Model, model_name: str, num_classes: int,
-                   image_size: int) -> keras.Model:
+                   image_size: int, weights: list | None = None) -> keras.Model:
     """The same architecture built afresh in float32, outside any distribution strategy, with
-    `model`'s weights: what gets exported whatever the training precision and strategy."""
+    `model`'s weights (or `weights`, a `get_weights()` list): what gets exported whatever the
+    training precision and strategy."""
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
         copy = registry.build(model_name, num_classes, image_size)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    copy.set_weights(model.get_weights())
+    copy.set_weights(model.get_weights() if weights is None else weights)
     return copy
 
 

@@ -5,6 +5,13 @@ loop), each step `strategy.run(replica step)`. Loss per replica is the per-examp
 summed and divided by the *global* batch (`tf.nn.compute_average_loss`), so the all-reduced
 gradients are those of the global mean loss. Metrics are updated with the per-example losses
 and are reduced across replicas when read, so the reported loss is the true global mean.
+
+Labels are int class ids [B] (the hard-label path, unchanged by the options below unless they are
+used) or soft targets [B, classes] from MixUp/CutMix (data/pipeline.py), whose accuracy counts the
+argmax of the target. `label_smoothing` smooths either. With `grad_accum_steps` k > 1 each
+replica's batch is cut into k micro-batches whose gradients are summed before the one optimizer
+update (each micro-batch loss is divided by the *global* batch, so the sum is the gradient of the
+whole batch's mean loss). A `WeightAverage` (trainer/ema.py) is updated after every step.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ class Metrics:
                    keras.metrics.SparseTopKCategoricalAccuracy(k=5, name=f"{prefix}_top5"))
 
     def update(self, labels, logits, per_example_loss, weights):
+        if labels.shape.rank == 2:  # soft targets (MixUp/CutMix): the class they weigh most
+            labels = tf.argmax(labels, axis=-1, output_type=tf.int32)
         self.loss.update_state(per_example_loss, sample_weight=weights)
         self.accuracy.update_state(labels, logits, sample_weight=weights)
         self.top5_accuracy.update_state(labels, logits, sample_weight=weights)
@@ -43,10 +52,23 @@ class Metrics:
                 "images": int(round(float(keras.ops.convert_to_numpy(self.loss.count))))}
 
 
-def cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """Per-example loss, no reduction."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=labels, logits=tf.cast(logits, tf.float32))
+def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0
+                  ) -> tf.Tensor:
+    """Per-example loss, no reduction. `labels`: class ids [B], or soft targets [B, C] whose rows
+    sum to 1. With label smoothing e the target is (1 - e) * target + e / C."""
+    logits = tf.cast(logits, tf.float32)
+    if labels.shape.rank == 1 and not label_smoothing:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    if labels.shape.rank == 1:
+        log_probs = tf.nn.log_softmax(logits)
+        true_class = tf.gather(log_probs, tf.cast(labels, tf.int32), axis=1, batch_dims=1)
+        return -(1.0 - label_smoothing) * true_class \
+            - label_smoothing * tf.reduce_mean(log_probs, axis=-1)
+    targets = tf.cast(labels, tf.float32)
+    if label_smoothing:
+        targets = (1.0 - label_smoothing) * targets + \
+            label_smoothing / tf.cast(tf.shape(targets)[-1], tf.float32)
+    return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
 class StepFunctions:
@@ -56,7 +78,8 @@ class StepFunctions:
                  optimizer: keras.optimizers.Optimizer, *, global_batch_size: int,
                  train_metrics: Metrics, eval_metrics: Metrics, xla: bool = False,
                  clip_grad_norm: float = 0.0, time_input: bool = True,
-                 gradient_norm: keras.metrics.Mean | None = None):
+                 gradient_norm: keras.metrics.Mean | None = None, label_smoothing: float = 0.0,
+                 grad_accum_steps: int = 1, weight_average=None):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -67,23 +90,40 @@ class StepFunctions:
         # Off under op determinism, which refuses tf.timestamp.
         self.time_input = time_input
         self.gradient_norm = gradient_norm  # optional: mean global gradient norm (before clipping)
+        self.label_smoothing = label_smoothing
+        self.grad_accum_steps = grad_accum_steps
+        self.weight_average = weight_average  # trainer.ema.WeightAverage or None
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self._replica_train = tf.function(self._replica_train_step, jit_compile=xla or None)
-        self._replica_eval = tf.function(self._replica_eval_step, jit_compile=xla or None)
+        # The state averaged across replicas after each loop (BatchNorm moving statistics),
+        # fixed now: freezing the backbone later makes its weights non-trainable too.
+        self._state_variables = [v for v in model.non_trainable_variables
+                                 if keras.backend.is_float_dtype(v.dtype)]
+        self._xla = xla
+        self.retrace()
+
+    def retrace(self) -> None:
+        """New tf.functions: call after changing which layers are trainable (the steps read
+        `model.trainable_variables` and BatchNorm's mode when they are traced)."""
+        self._replica_train = tf.function(self._replica_train_step, jit_compile=self._xla or None)
+        self._replica_eval = tf.function(self._replica_eval_step, jit_compile=self._xla or None)
         self.train_loop = tf.function(self._train_loop)
         self.eval_loop = tf.function(self._eval_loop)
 
     # --- replica functions ------------------------------------------------------------------
     def _replica_train_step(self, images, labels, weights):
         model, optimizer = self.model, self.optimizer
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            per_example = cross_entropy(labels, logits) * weights
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
-            if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            tape_loss = optimizer.scale_loss(loss) if self._loss_scaled else loss
-        gradients = tape.gradient(tape_loss, model.trainable_variables)
+        if self.grad_accum_steps > 1:
+            gradients, loss_sum = self._accumulated_gradients(images, labels, weights)
+        else:
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                per_example = cross_entropy(labels, logits, self.label_smoothing) * weights
+                loss = tf.nn.compute_average_loss(per_example,
+                                                  global_batch_size=self.global_batch_size)
+                if model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                tape_loss = optimizer.scale_loss(loss) if self._loss_scaled else loss
+            gradients = tape.gradient(tape_loss, model.trainable_variables)
         if self._loss_scaled:
             gradients = self._poison_if_any_replica_overflowed(gradients)
         if self.clip_grad_norm > 0 or self.gradient_norm is not None:
@@ -96,8 +136,37 @@ class StepFunctions:
             gradients = self._clip_by_global_norm_across_replicas(gradients, norm)
         # apply_gradients sums the replicas' gradients (all-reduce) before the update.
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        self.train_metrics.update(labels, logits, per_example, weights)
-        return tf.reduce_sum(per_example)
+        if self.grad_accum_steps == 1:  # (accumulation updated the metrics per micro-batch)
+            self.train_metrics.update(labels, logits, per_example, weights)
+            loss_sum = tf.reduce_sum(per_example)
+        return loss_sum
+
+    def _accumulated_gradients(self, images, labels, weights):
+        """The summed gradients of `grad_accum_steps` micro-batches of this replica's batch, and
+        the sum of their per-example losses; metrics are updated per micro-batch. Each micro
+        loss is divided by the global batch, so the sum is the whole batch's gradient."""
+        model, k = self.model, self.grad_accum_steps
+        variables = model.trainable_variables
+        micro = tf.shape(images)[0] // k  # the per-replica batch divides by k (checked earlier)
+        total = [tf.zeros(v.shape, v.dtype) for v in variables]
+        loss_sum = tf.constant(0.0)
+        for i in tf.range(k):
+            part = tf.range(i * micro, (i + 1) * micro)
+            x, y, w = tf.gather(images, part), tf.gather(labels, part), tf.gather(weights, part)
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                per_example = cross_entropy(y, logits, self.label_smoothing) * w
+                loss = tf.nn.compute_average_loss(per_example,
+                                                  global_batch_size=self.global_batch_size)
+                if model.losses:  # counted once over the k micro-batches
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses)) / k
+                tape_loss = self.optimizer.scale_loss(loss) if self._loss_scaled else loss
+            gradients = tape.gradient(tape_loss, variables,
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            total = [t + tf.cast(g, t.dtype) for t, g in zip(total, gradients)]
+            self.train_metrics.update(y, logits, per_example, w)
+            loss_sum += tf.reduce_sum(per_example)
+        return total, loss_sum
 
     def _poison_if_any_replica_overflowed(self, gradients):
         """Keras' LossScaleOptimizer checks replica 0's gradients only, so an inf on another
@@ -132,6 +201,7 @@ class StepFunctions:
         return [g * tf.cast(factor, g.dtype) for g in gradients]
 
     def _replica_eval_step(self, images, labels, weights):
+        # The plain cross-entropy (no label smoothing): the validation loss of the predictions.
         logits = self.model(images, training=False)
         per_example = cross_entropy(labels, logits)
         self.eval_metrics.update(labels, logits, per_example, weights)
@@ -159,6 +229,8 @@ class StepFunctions:
                 batch = next(iterator)
             per_replica_sum = self.strategy.run(self._replica_train, args=batch)
             loss_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_sum, axis=None)
+            if self.weight_average is not None:
+                self.weight_average.update(self.strategy, self.optimizer.iterations)
             previous_loss = loss_sum / self.global_batch_size
             step_losses = step_losses.write(i, previous_loss)
         if self.strategy.num_replicas_in_sync > 1:
@@ -171,8 +243,7 @@ class StepFunctions:
         replica 0's copy. Averaging them after each loop makes every replica, the checkpoint and
         the exported model hold the same values. The moving averages are linear in the batch
         statistics, so this equals averaging at every step."""
-        state = [v for v in self.model.non_trainable_variables
-                 if keras.backend.is_float_dtype(v.dtype)]
+        state = self._state_variables
         if not state:
             return
 

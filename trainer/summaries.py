@@ -119,7 +119,7 @@ def environment(strategy) -> dict[str, object]:
 NOT_HPARAMS = ("model_dir", "cache_images", "steps_per_loop", "eval_every_steps",
                "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "eval_figures",
                "summary_histograms", "profile_steps", "on_bad_file",
-               "export_at_end")
+               "export_at_end", "list_models")
 # (group = run subdirectory, scalar tag) of the metrics shown beside the hyperparameters; the
 # trainer writes every one of them (valid/* and test/* at the end, train/* each loop).
 HPARAM_METRICS = (("eval", "valid/accuracy"), ("eval", "valid/loss"),

@@ -11,6 +11,7 @@ Order of resume (each step needs the one before):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,9 +25,11 @@ import numpy as np
 import tensorflow as tf
 
 from data import check, layout, pipeline
-from models import registry
-from trainer import checkpoints, distribute, evaluation, performance, serving, summaries
-from trainer.config import Config, RunPlan, parse_profile_steps
+from models import registry, transfer
+from trainer import (checkpoints, distribute, evaluation, performance, pretrained, serving,
+                     summaries)
+from trainer.config import Config, RunPlan, parse_profile_steps, parse_randaugment
+from trainer.ema import WeightAverage
 from trainer.optimization import current_learning_rate, make_optimizer
 from trainer.step import Metrics, StepFunctions
 
@@ -142,6 +145,12 @@ def check_resume_compatible(config: Config) -> None:
             raise TrainingError(
                 f"--{field}={getattr(config, field)} but the run in {config.model_dir!r} used "
                 f"{saved[field]}; use a new --model_dir")
+    # The weight averages are in the checkpoint or not: they cannot be switched on or off.
+    if (float(saved.get("ema_decay") or 0) > 0) != (config.ema_decay > 0):
+        raise TrainingError(
+            f"--ema_decay={config.ema_decay:g} but the run in {config.model_dir!r} used "
+            f"{float(saved.get('ema_decay') or 0):g}; averaging cannot be switched on or off "
+            f"when resuming (another non-zero decay is fine); use a new --model_dir")
 
 
 def check_plan(config: Config, plan: RunPlan) -> None:
@@ -150,6 +159,11 @@ def check_plan(config: Config, plan: RunPlan) -> None:
         if batch % plan.num_replicas:
             raise TrainingError(f"{name}: global batch {batch} does not divide by "
                                 f"{plan.num_replicas} replicas")
+    per_replica = plan.global_batch_size // plan.num_replicas
+    if per_replica % config.grad_accum_steps:
+        raise TrainingError(f"--grad_accum_steps={config.grad_accum_steps}: the batch of "
+                            f"{per_replica} per replica does not divide into "
+                            f"{config.grad_accum_steps} micro-batches")
     if plan.steps_per_epoch < 1:
         raise TrainingError(f"--batch_size: global batch {plan.global_batch_size} is larger than "
                             f"the {plan.num_train_images} training images")
@@ -166,6 +180,15 @@ def run(config: Config) -> dict:
     # Every worker saves (collective ops), but only the chief's files are kept.
     work_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="worker-")
     check_resume_compatible(config)
+    # The --pretrained donor is loaded first, so that a bad source (or no network for
+    # imagenet) stops the run before the data check; not when a checkpoint will be restored.
+    donor = None
+    if config.pretrained and not tf.train.latest_checkpoint(
+            os.path.join(config.model_dir, "checkpoints")):
+        try:
+            donor = pretrained.load_donor(config)
+        except pretrained.PretrainedError as e:
+            raise TrainingError(str(e)) from None
     saved_config = config
     if config.data_dir and config.data_dir.startswith("s3://"):
         config = dataclasses.replace(config, data_dir=sync_from_s3(config))
@@ -181,14 +204,14 @@ def run(config: Config) -> dict:
         checkpoints.atomic_write_text(os.path.join(config.model_dir, "plan.json"),
                                       json.dumps(dataclasses.asdict(plan), indent=2))
     try:
-        return _train(config, plan, inputs, strategy, chief, work_dir)
+        return _train(config, plan, inputs, strategy, chief, work_dir, donor)
     finally:
         if not chief:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
-           work_dir: str) -> dict:
+           work_dir: str, donor: pretrained.Donor | None = None) -> dict:
     run_start = time.time()
     # --- model and optimizer ---------------------------------------------------------------
     keras.utils.set_random_seed(config.seed)
@@ -199,8 +222,17 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         [config.mixed_precision])
     with strategy.scope():
         model = registry.build(config.model, len(inputs.class_names), config.image_size)
-        optimizer = make_optimizer(config, plan)
+        if donor is not None:
+            report = transfer.copy_weights_by_name(donor.model, model, skip_head=donor.skip_head)
+            if report.backbone_copied == 0:
+                raise TrainingError(f"--pretrained={config.pretrained}: no layer of "
+                                    f"{donor.description} matches a layer of --model="
+                                    f"{config.model} by name and shape")
+            _log(f"pretrained: {donor.description}: {report.describe()}")
+        optimizer = make_optimizer(config, plan, transfer.backbone_variables(model))
         optimizer.build(model.trainable_variables)
+        # Averages of the initial (or pretrained) weights; restored below on resume.
+        weight_average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         train_metrics, eval_metrics = Metrics.create("train"), Metrics.create("eval")
@@ -209,12 +241,16 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     steps = StepFunctions(strategy, model, optimizer, global_batch_size=plan.global_batch_size,
                           train_metrics=train_metrics, eval_metrics=eval_metrics, xla=config.xla,
                           clip_grad_norm=config.clip_grad_norm, gradient_norm=gradient_norm,
-                          time_input=not config.deterministic)
+                          time_input=not config.deterministic,
+                          label_smoothing=config.label_smoothing,
+                          grad_accum_steps=config.grad_accum_steps, weight_average=weight_average)
+    ema_applied = weight_average.applied if weight_average else contextlib.nullcontext
 
     # --- restore -----------------------------------------------------------------------------
     keeper = checkpoints.CheckpointKeeper(
         os.path.join(work_dir, "checkpoints"), model=model, optimizer=optimizer, step=step,
-        max_to_keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
+        max_to_keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps,
+        ema=weight_average.trackable if weight_average else None)
     restored = keeper.restore_latest(os.path.join(config.model_dir, "checkpoints"))
     # The best model by valid accuracy, kept apart from the latest K (state read from the chief).
     best = checkpoints.BestCheckpoint(
@@ -247,7 +283,9 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
             inputs.train.files, inputs.train.labels, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=start_step,
             total_steps=plan.total_steps, cache=config.cache_images, context=context,
-            augment=pipeline.Augment(config.crop_min_area, config.random_flip))
+            augment=pipeline.Augment(config.crop_min_area, config.random_flip,
+                                     parse_randaugment(config.randaugment)),
+            mix=pipeline.Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha))
 
     train_iterator = iter(strategy.distribute_datasets_from_function(
         train_fn, distribute.input_options(strategy))) \
@@ -273,11 +311,19 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     previous_handlers = {sig: signal.signal(sig, lambda s, f: stop_signal.append(s))
                          for sig in (signal.SIGTERM, signal.SIGINT)}
     eval_every = config.eval_every_steps or plan.steps_per_epoch
+    # --freeze_backbone_epochs: the head alone trains for the first freeze_steps steps.
+    freeze_steps = min(plan.total_steps,
+                       int(round(config.freeze_backbone_epochs * plan.steps_per_epoch)))
+    frozen = False
     current = start_step
     loop_rates, input_shares, first_loop_seconds = [], [], None
     overhead_seconds = 0.0  # checkpoints and summaries inside the loop
     loop_start_time = time.time()
     speed = Speedometer.measure(model, config, strategy)
+    # With several replicas on one CPU the input timer also catches the other logical device's
+    # work: an upper bound, shown as such (docs/benchmarks.md).
+    input_bound = "<=" if plan.num_replicas > 1 and not distribute.input_options(
+        strategy).experimental_fetch_to_device else ""
     _log(f"training {config.model} on {plan.num_train_images} images, {len(inputs.class_names)} "
          f"classes, {plan.num_replicas} replica(s), global batch {plan.global_batch_size}, "
          f"{plan.total_steps} steps ({plan.steps_per_epoch} per epoch), peak lr "
@@ -286,8 +332,16 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                                       os.path.join(config.model_dir, "train") if chief else None)
     try:
         while current < plan.total_steps:
+            if (current < freeze_steps) != frozen:
+                frozen = current < freeze_steps
+                transfer.set_backbone_trainable(model, not frozen)
+                steps.retrace()
+                _log(f"backbone frozen until step {freeze_steps} (head only)" if frozen else
+                     f"backbone unfrozen at step {current}")
             next_eval = (current // eval_every + 1) * eval_every
             num = min(config.steps_per_loop, plan.total_steps - current, next_eval - current)
+            if frozen:
+                num = min(num, freeze_steps - current)
             profile.before_loop(current + 1, current + num)
             train_metrics.reset()
             loop_start = time.time()
@@ -329,15 +383,17 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
             _log(f"epoch {plan.epoch_of(current - 1) + 1} step {current}/{plan.total_steps} "
                  f"loss {values['loss']:.4f} acc {values['accuracy']:.4f} "
                  f"lr {values['learning_rate']:.3g} {rate:.1f} img/s "
-                 f"input {values.get('input_wait_share', float('nan')):.0%} "
+                 f"input {input_bound}{values.get('input_wait_share', float('nan')):.0%} "
                  f"MFU {values['mfu']:.1%} "
                  f"ETA {_format_duration(remaining)}")
             overhead_seconds += time.time() - overhead_start
             if current % eval_every == 0 and current < plan.total_steps and inputs.eval_splits:
-                valid = evaluate("valid")
+                with ema_applied():  # --ema_decay: the averaged weights are evaluated
+                    valid = evaluate("valid")
+                    if chief and config.eval_figures:
+                        _write_eval_figures(config, plan, inputs, model, writers, "valid",
+                                            current)
                 writers.scalars(writers.eval, current, valid, "valid")
-                if chief and config.eval_figures:
-                    _write_eval_figures(config, plan, inputs, model, writers, "valid", current)
                 _log(f"  valid loss {valid['loss']:.4f} acc {valid['accuracy']:.4f} "
                      f"top5 {valid['top5_accuracy']:.4f}")
                 best.update(current, valid["accuracy"])
@@ -359,12 +415,17 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
 
     # --- finish: final checkpoint, evaluation, model file, results -------------------------
     keeper.save_at_end(current)
-    results = {"steps": current, "epochs": current / plan.steps_per_epoch, "splits": {}}
+    if frozen:  # a run that ends frozen still saves a trainable model
+        transfer.set_backbone_trainable(model, True)
+    results = {"steps": current, "epochs": current / plan.steps_per_epoch, "splits": {},
+               "weights": f"moving average (--ema_decay={config.ema_decay:g})"
+               if weight_average else "trained"}
     for split in inputs.eval_splits:
-        results["splits"][split] = evaluate(split)
+        with ema_applied():
+            results["splits"][split] = evaluate(split)
+            if chief and config.eval_figures:
+                _write_eval_figures(config, plan, inputs, model, writers, split, current)
         writers.scalars(writers.eval, current, results["splits"][split], split)
-        if chief and config.eval_figures:
-            _write_eval_figures(config, plan, inputs, model, writers, split, current)
         r = results["splits"][split]
         _log(f"final {split}: loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
              f"top5 {r['top5_accuracy']:.4f} ({r['images']} images)")
@@ -385,13 +446,15 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     if chief:
         model_path = os.path.join(config.model_dir, "model.keras")
         tmp_path = os.path.join(config.model_dir, ".model.tmp.keras")
-        model.save(tmp_path)
+        with ema_applied():  # --ema_decay: the file and the export hold the averaged weights
+            model.save(tmp_path)
+            final_weights = model.get_weights()
         os.replace(tmp_path, model_path)
         results["model_file"] = model_path
         if config.export_at_end:
             results["export_dir"] = serving.export(
                 serving.inference_copy(model, config.model, len(inputs.class_names),
-                                       config.image_size),
+                                       config.image_size, weights=final_weights),
                 inputs.class_names, config.image_size, os.path.join(config.model_dir, "export"),
                 version=current, overwrite=True)
             _log(f"exported for serving: {results['export_dir']}")
@@ -447,7 +510,8 @@ def _write_run_description(config: Config, plan: RunPlan, inputs: Inputs, writer
         summaries.write_hparams(writers.model_dir,
                                 summaries.hparam_values(config_rows, plan_rows))
     for tag, augment in () if inputs.synthetic else (
-            ("train/sample_images", pipeline.Augment(config.crop_min_area, config.random_flip)),
+            ("train/sample_images", pipeline.Augment(config.crop_min_area, config.random_flip,
+                                                     parse_randaugment(config.randaugment))),
             ("train/sample_images_unaugmented", pipeline.Augment(crop_min_area=1.0, flip=False))):
         sample = pipeline.train_dataset(
             inputs.train.files, inputs.train.labels, image_size=config.image_size,

@@ -1,0 +1,82 @@
+"""An exponential moving average of the model's weights (--ema_decay).
+
+`WeightAverage` keeps one average per trainable variable of the model as it is built (before
+any backbone freezing), in the strategy scope, so each replica holds its own copy. The train
+loop calls `update` after every step, in cross-replica context; `strategy.extended.update` runs
+the update on each replica's copy with that replica's weights (identical after the all-reduced
+update), so averaging needs no communication.
+
+    average <- d * average + (1 - d) * weight,   d = min(decay, (1 + t) / (10 + t))
+
+with t the optimizer's update count: the warm-up keeps early averages from being dominated by
+the random initial weights in short runs. The averages are in the checkpoint (`ema/averages/i`),
+so a resumed run continues the same average. `applied()` swaps them into the model for
+evaluation and export; `restore_into(model, checkpoint)` loads them from a checkpoint into a
+freshly built model (the evaluate/export tools).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+
+class _Averages(tf.Module):
+    """The checkpointed object: only the list of averages (never the model's own weights)."""
+
+    def __init__(self, averages: list[tf.Variable]):
+        super().__init__(name="ema")
+        self.averages = averages
+
+
+class WeightAverage:
+    def __init__(self, model: keras.Model, decay: float):
+        """Create in the strategy scope, once the model holds its initial (or pretrained)
+        weights: the averages start as a copy of them."""
+        self.decay = float(decay)
+        self.variables = list(model.trainable_variables)
+        self.trackable = _Averages([
+            tf.Variable(tf.convert_to_tensor(v), trainable=False,
+                        name=f"ema_{i}") for i, v in enumerate(self.variables)])
+
+    @property
+    def averages(self) -> list[tf.Variable]:
+        return self.trackable.averages
+
+    def update(self, strategy: tf.distribute.Strategy, num_updates) -> None:
+        """One averaging step (cross-replica context, inside the train loop's tf.function)."""
+        t = tf.cast(num_updates, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+
+        def step(average, weight):
+            return average.assign(decay * average + (1.0 - decay) * tf.cast(weight, tf.float32))
+
+        for average, variable in zip(self.averages, self.variables):
+            strategy.extended.update(average, step, args=(_tf_variable(variable),), group=False)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the averaged weights inside the block, its own weights again after
+        it (eager, outside any tf.function)."""
+        saved = [keras.ops.convert_to_numpy(v) for v in self.variables]
+        try:
+            for variable, average in zip(self.variables, self.averages):
+                variable.assign(tf.cast(average.read_value(), variable.dtype))
+            yield
+        finally:
+            for variable, value in zip(self.variables, saved):
+                variable.assign(value)
+
+
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def restore_into(model: keras.Model, checkpoint_path: str) -> None:
+    """Assign the averages saved in `checkpoint_path` to `model`'s trainable variables (a model
+    built afresh by the registry, nothing frozen: the same variables in the same order as when
+    the averages were created). Raises AssertionError if the checkpoint lacks some of them."""
+    holder = _Averages([_tf_variable(v) for v in model.trainable_variables])
+    status = tf.train.Checkpoint(ema=holder).restore(checkpoint_path).expect_partial()
+    status.assert_existing_objects_matched()
