@@ -38,7 +38,6 @@ ROWS = ("trainer", "reference_fit", "tuned_fit", "synthetic", "input", "matmul")
 # ============================================================================================
 def _setup(replicas: int):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
     from trainer import distribute
     if replicas > 1:
         distribute.split_cpu(replicas)
@@ -74,7 +73,6 @@ def worker_reference_fit(args) -> dict:
     """The reference example's approach, on current Keras (learning_rate=, not lr=)."""
     strategy = _setup(args.replicas)
     import keras
-    import tensorflow as tf
     train = keras.utils.image_dataset_from_directory(
         os.path.join(args.data_dir, "train"), image_size=(args.image_size, args.image_size),
         batch_size=args.batch_size, label_mode="int")

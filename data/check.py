@@ -37,9 +37,9 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 
 from data import layout
+from data.files import atomic_write_text
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_SPLITS = ("train", "valid")
@@ -190,8 +190,8 @@ class Report:
         """Write REPORT_NAME.txt and .json into `directory` (atomically); returns the .txt path."""
         os.makedirs(directory, exist_ok=True)
         base = os.path.join(directory, REPORT_NAME)
-        _atomic_write(base + ".json", json.dumps(self.to_dict(), indent=1))
-        _atomic_write(base + ".txt", self.to_text())
+        atomic_write_text(base + ".json", json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(base + ".txt", self.to_text())
         return base + ".txt"
 
 
@@ -325,25 +325,10 @@ def _save_cache(path: str | None, decoder: str, files: dict[str, list]) -> None:
     if not path:
         return
     try:
-        _atomic_write(path, json.dumps({"version": CACHE_VERSION, "decoder": decoder,
+        atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "decoder": decoder,
                                         "files": files}))
     except OSError:
         pass  # a read-only place: the next scan decodes again
-
-
-def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        # File names that are not valid UTF-8 (surrogate escapes) are written as \\udcXX.
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def sniff_format(head: bytes) -> str:
@@ -649,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(text.encode(sys.stdout.encoding or "utf-8", "backslashreplace").decode(
         sys.stdout.encoding or "utf-8"))
     if args.json:
-        _atomic_write(args.json, json.dumps(result.report.to_dict(), indent=1))
+        atomic_write_text(args.json, json.dumps(result.report.to_dict(), indent=1))
     return 1 if result.report.errors else 0
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from data import files
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_FRACTIONS = (("train", 0.7), ("valid", 0.15), ("test", 0.15))
@@ -26,9 +26,7 @@ def build(dest: str, image_size: int = 32, seed: int = 0) -> dict[str, int]:
     digits = load_digits()
     rng = np.random.default_rng(seed)
     counts = {name: 0 for name, _ in SPLIT_FRACTIONS}
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    staging = files.staging_dir_for(dest, ".demo-")
     for label, class_name in enumerate(CLASS_NAMES):
         indices = rng.permutation(np.flatnonzero(digits.target == label))
         n_train = int(round(len(indices) * SPLIT_FRACTIONS[0][1]))
@@ -44,11 +42,7 @@ def build(dest: str, image_size: int = 32, seed: int = 0) -> dict[str, int]:
                     (image_size, image_size), Image.Resampling.BILINEAR).convert("RGB")
                 image.save(os.path.join(folder, f"digit_{index:04d}.jpg"), quality=95)
             counts[split] += len(split_indices)
-    with open(os.path.join(staging, ".complete"), "w") as f:
-        f.write(f"{counts}\n")
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
-    os.replace(staging, dest)
+    files.publish_staged_dataset(staging, dest, counts)
     return counts
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from data import files
 
 
 def build(dest: str, *, image_size: int = 224, num_classes: int = 8, per_class: int = 64,
@@ -31,9 +31,7 @@ def build(dest: str, *, image_size: int = 224, num_classes: int = 8, per_class: 
             for gx in range(2):
                 regions.append((index, gx * width // 2, gy * height // 2, width // 2, height // 2))
     counts = {"train": 0, "valid": 0, "test": 0}
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".photos-", dir=parent)
+    staging = files.staging_dir_for(dest, ".photos-")
     for label in range(num_classes):
         photo_index, x0, y0, w, h = regions[label % len(regions)]
         photo = photos[photo_index]
@@ -52,11 +50,7 @@ def build(dest: str, *, image_size: int = 224, num_classes: int = 8, per_class: 
                     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 crop.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
             counts[split] += n
-    with open(os.path.join(staging, ".complete"), "w") as f:
-        f.write(f"{counts}\n")
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
-    os.replace(staging, dest)
+    files.publish_staged_dataset(staging, dest, counts)
     return counts
 
 

@@ -1,7 +1,6 @@
 """A CPU-sized ResNet (basic blocks, three stages) for small images such as the demo's 32x32."""
 from __future__ import annotations
 
-import keras
 from keras import layers
 
 

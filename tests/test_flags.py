@@ -5,7 +5,6 @@ command, including the rules that need the replica count."""
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path

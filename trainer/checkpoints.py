@@ -8,24 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import tensorflow as tf
 
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from data.files import atomic_write_text  # noqa: F401  (used here and by callers)
 
 
 def read_json(path: str):
