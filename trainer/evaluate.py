@@ -40,9 +40,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise tool_flags.ToolError(f"unexpected arguments {argv[1:]} (flags look like "
-                                   f"--name=value)")
+    tool_flags.reject_positional(argv)
     run = SavedRun.load(FLAGS.model_dir)
     data_dir = FLAGS.data_dir or run.config["data_dir"]
     if data_dir.startswith("s3://"):  # the run trained on its synced copy: evaluate that

@@ -40,9 +40,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise tool_flags.ToolError(f"unexpected arguments {argv[1:]} (flags look like "
-                                   f"--name=value)")
+    tool_flags.reject_positional(argv)
     run = SavedRun.load(FLAGS.model_dir)
     checkpoint = run.checkpoint_path(FLAGS.checkpoint)
     tool_flags.import_tensorflow()

@@ -41,6 +41,12 @@ class ToolError(ValueError):
     """A user error; str() is the one-line message printed as `<program>: <message>`."""
 
 
+def reject_positional(argv: list[str]) -> None:
+    """These tools take flags only; a stray word is a user error, not something to ignore."""
+    if len(argv) > 1:
+        raise ToolError(f"unexpected arguments {argv[1:]} (flags look like --name=value)")
+
+
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     """absl's parser, but a bad flag is one line on stderr and exit code 2."""
     def parse(argv: list[str]) -> list[str]:
