@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from bench import OneLineErrorParser
+
 ROWS = ("trainer", "reference_fit", "tuned_fit", "synthetic", "input", "matmul")
 
 
@@ -244,13 +246,8 @@ def table(measured: dict, mixed_precision: str = "none") -> str:
     return "\n".join(lines)
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineErrors(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", default="", help="bird-layout JPEG folders (default: built "
                         "from scikit-learn's sample photos in a temporary folder)")
     parser.add_argument("--model", default="resnet50")
