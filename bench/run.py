@@ -10,7 +10,9 @@ their time reported apart):
 
   a  trainer               python -m trainer.main on the JPEG folders
   b  reference fit         image_dataset_from_directory(...).prefetch(2).cache().shuffle(1000),
-                           ResNet50 compiled under MirroredStrategy, model.fit with Keras defaults
+                           the model compiled under MirroredStrategy, model.fit with Keras
+                           defaults (for resnet50, keras.applications.ResNet50 as the reference
+                           builds it)
   c  tuned fit             model.fit with jit_compile=False on this project's tf.data pipeline
   d  trainer, synthetic    the trainer on in-memory random images: this model's compute ceiling
   e  input pipeline        decoded, augmented, batched images/sec, no model
@@ -81,8 +83,12 @@ def worker_reference_fit(args) -> dict:
     num_classes = len(train.class_names)
     train = train.prefetch(2).cache().shuffle(1000).repeat()
     with strategy.scope():
-        model = keras.applications.ResNet50(weights=None, classes=num_classes,
-                                            input_shape=(args.image_size, args.image_size, 3))
+        if args.model == "resnet50":  # literally the reference's model
+            model = keras.applications.ResNet50(weights=None, classes=num_classes,
+                                                input_shape=(args.image_size, args.image_size, 3))
+        else:  # the same model as every other row
+            from models import registry
+            model = registry.build(args.model, num_classes, args.image_size)
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     timer = _batch_timer()
