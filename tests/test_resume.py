@@ -20,7 +20,8 @@ from trainer.train import StepLossLog
 
 EXACT_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=2", "--train_steps=36",
                "--checkpoint_every_steps=4", "--eval_every_steps=12", "--deterministic",
-               "--distribution_strategy=mirrored", "--cpu_devices=2")
+               "--distribution_strategy=mirrored", "--cpu_devices=2", "--noeval_figures",
+               "--noexport_at_end")
 
 
 def _model_variables(checkpoint_dir) -> dict[str, np.ndarray]:

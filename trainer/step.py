@@ -107,7 +107,13 @@ class StepFunctions:
         self._replica_train = tf.function(self._replica_train_step, jit_compile=self._xla or None)
         self._replica_eval = tf.function(self._replica_eval_step, jit_compile=self._xla or None)
         self.train_loop = tf.function(self._train_loop)
-        self.eval_loop = tf.function(self._eval_loop)
+        self._eval_loop_function = tf.function(self._eval_loop)
+
+    def eval_loop(self, dataset) -> None:
+        """Evaluates every batch of a distributed dataset once. The iterator is made here,
+        outside the graph: iterating the dataset inside tf.function makes TensorFlow call
+        dataset.options() in graph mode, which warns on every trace."""
+        self._eval_loop_function(iter(dataset))
 
     # --- replica functions ------------------------------------------------------------------
     def _replica_train_step(self, images, labels, weights):
@@ -258,6 +264,6 @@ class StepFunctions:
         for variable, mean in zip(state, means):  # cross-replica assign: every local copy
             variable.assign(self.strategy.experimental_local_results(mean)[0])
 
-    def _eval_loop(self, dataset):
-        for batch in dataset:
+    def _eval_loop(self, iterator):
+        for batch in iterator:
             self.strategy.run(self._replica_eval, args=batch)

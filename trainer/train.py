@@ -324,6 +324,11 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     # work: an upper bound, shown as such (docs/benchmarks.md).
     input_bound = "<=" if plan.num_replicas > 1 and not distribute.input_options(
         strategy).experimental_fetch_to_device else ""
+
+    def input_text(values) -> str:  # not timed with --deterministic (no timestamps in the graph)
+        share = values.get("input_wait_share")
+        return "" if share is None else f"input {input_bound}{share:.0%} "
+
     _log(f"training {config.model} on {plan.num_train_images} images, {len(inputs.class_names)} "
          f"classes, {plan.num_replicas} replica(s), global batch {plan.global_batch_size}, "
          f"{plan.total_steps} steps ({plan.steps_per_epoch} per epoch), peak lr "
@@ -383,8 +388,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
             _log(f"epoch {plan.epoch_of(current - 1) + 1} step {current}/{plan.total_steps} "
                  f"loss {values['loss']:.4f} acc {values['accuracy']:.4f} "
                  f"lr {values['learning_rate']:.3g} {rate:.1f} img/s "
-                 f"input {input_bound}{values.get('input_wait_share', float('nan')):.0%} "
-                 f"MFU {values['mfu']:.1%} "
+                 f"{input_text(values)}MFU {values['mfu']:.1%} "
                  f"ETA {_format_duration(remaining)}")
             overhead_seconds += time.time() - overhead_start
             if current % eval_every == 0 and current < plan.total_steps and inputs.eval_splits:
