@@ -56,12 +56,16 @@ def test_list_models_prints_each_model_with_a_description_and_exits_0(capsys):
     assert all(len(line.split()) > 4 for line in lines)
 
 
+TRACED_MODELS = ("small_resnet", "mobilenetv3small")
+
+
 @pytest.fixture
 def eagerly_for_large_models(request):
-    """The keras.applications models run the step functions eagerly (the same Python code,
-    tf.function off): tracing each of their two-replica training graphs costs 20-45 s on 2
-    cores, ten times the eager step. small_resnet runs traced, as the trainer does."""
-    eager = request.node.callspec.params["name"] != "small_resnet"
+    """The larger keras.applications models run the step functions eagerly (the same Python
+    code, tf.function off): tracing each of their two-replica training graphs costs 25-45 s on
+    2 cores, five to ten times the eager step. small_resnet and one keras.applications model,
+    mobilenetv3small (about 15 s), run traced, as the trainer runs them."""
+    eager = request.node.callspec.params["name"] not in TRACED_MODELS
     tf.config.run_functions_eagerly(eager)
     yield eager
     tf.config.run_functions_eagerly(False)
