@@ -184,8 +184,7 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update_on_two_replicas(
         plan = RunPlan.make(config, 2, 1000)
         with two_replicas.scope():
             model = _bn_free_model(5)
-            optimizer = make_optimizer(config, plan, transfer.backbone_variables(model))
-            optimizer.build(model.trainable_variables)
+            optimizer = make_optimizer(config, plan, model)
         before = model.get_weights()
         steps = _step_functions(two_replicas, model, optimizer, 16)
         steps.train_loop(_per_replica_batches(two_replicas, (images, labels, weights), 8),
@@ -196,6 +195,37 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update_on_two_replicas(
                                rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(deltas[0.25][head_kernel], deltas[1.0][head_kernel], rtol=1e-5)
     assert np.abs(deltas[1.0][conv_kernel]).max() > 1e-4
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
+def test_weight_decay_shrinks_kernels_and_leaves_biases_and_normalisation_alone(
+        optimizer_name, tiny_dir):
+    """A zero gradient moves nothing under Adam(W) or SGD, so one update is the decoupled
+    weight decay alone: every kernel times (1 - lr * decay), every 1-D variable unchanged."""
+    from trainer import flags as trainer_flags
+    from trainer.config import RunPlan
+    from trainer.optimization import make_optimizer
+    try:
+        config = trainer_flags.config_from_argv([
+            f"--data_dir={tiny_dir}", "--model_dir=/tmp/unused", f"--optimizer={optimizer_name}",
+            "--weight_decay=0.1", "--warmup_epochs=0", "--base_lr=0.5"])
+    finally:
+        trainer_flags.flags.FLAGS.unparse_flags()
+    model = registry.build("small_resnet", 3, 16)
+    optimizer = make_optimizer(config, RunPlan.make(config, 1, 100), model)
+    variables = model.trainable_variables
+    before = [np.array(v) for v in variables]
+    shrink = 1 - 0.1 * float(optimizer.learning_rate)
+    optimizer.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+    one_dimensional = 0
+    for variable, old in zip(variables, before):
+        if len(variable.shape) <= 1:
+            one_dimensional += 1
+            np.testing.assert_array_equal(np.array(variable), old, err_msg=variable.path)
+        else:
+            np.testing.assert_allclose(np.array(variable), old * shrink, rtol=1e-6,
+                                       err_msg=variable.path)
+    assert one_dimensional > 5 and shrink < 0.99
 
 
 def test_label_smoothing_and_soft_labels_give_keras_cross_entropy():

@@ -65,8 +65,9 @@ flags.DEFINE_boolean("scale_lr", False, "Multiply --base_lr by the replica count
                      "scaling rule).")
 flags.DEFINE_float("warmup_epochs", 1.0, "Linear warmup length in epochs, then cosine decay to 0.",
                    lower_bound=0.0)
-flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (adamw, sgd).", lower_bound=0.0)
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (adamw, sgd); biases and "
+                   "normalisation scales/offsets are not decayed.", lower_bound=0.0)
+flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("clip_grad_norm", 0.0, "Clip by the global norm of the all-reduced gradient "
                    "(across replicas); 0 disables.", lower_bound=0.0)
 flags.DEFINE_integer("grad_accum_steps", 1, "Split each replica's batch into N micro-batches "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import keras
 
+from models import transfer
 from trainer.config import Config, RunPlan
 
 
@@ -38,14 +39,15 @@ def _with_lr_multipliers(optimizer_class):
     return WithLrMultipliers
 
 
-def make_optimizer(config: Config, plan: RunPlan, backbone_variables=None
+def make_optimizer(config: Config, plan: RunPlan, model: keras.Model
                    ) -> keras.optimizers.Optimizer:
-    """The configured optimizer; with --backbone_lr_multiplier != 1, `backbone_variables` (all
-    trainable variables but the head's) are updated at the multiplied learning rate."""
+    """The configured optimizer, built for `model`'s trainable variables (call it in the
+    strategy's scope). With --backbone_lr_multiplier != 1 the backbone (every trainable
+    variable but the head's) is updated at the multiplied learning rate. --weight_decay leaves
+    out one-dimensional variables (biases, normalisation scales and offsets), as timm and
+    big_vision do: decaying them towards 0 only fights the normalisation."""
     schedule = learning_rate_schedule(plan)
-    multiplied = getattr(config, "backbone_lr_multiplier", 1.0) != 1.0
-    if multiplied and backbone_variables is None:
-        raise ValueError("--backbone_lr_multiplier needs the backbone variables")
+    multiplied = config.backbone_lr_multiplier != 1.0
     classes = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
                "sgd": keras.optimizers.SGD}
     if config.optimizer not in classes:
@@ -61,9 +63,14 @@ def make_optimizer(config: Config, plan: RunPlan, backbone_variables=None
         optimizer = cls(learning_rate=schedule, momentum=config.momentum, nesterov=True,
                         weight_decay=config.weight_decay or None)
     if multiplied:
-        optimizer.set_lr_multiplier(backbone_variables, config.backbone_lr_multiplier)
+        optimizer.set_lr_multiplier(transfer.backbone_variables(model),
+                                    config.backbone_lr_multiplier)
+    if config.weight_decay:
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     if config.mixed_precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
     return optimizer
 
 

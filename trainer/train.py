@@ -229,8 +229,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                                     f"{donor.description} matches a layer of --model="
                                     f"{config.model} by name and shape")
             _log(f"pretrained: {donor.description}: {report.describe()}")
-        optimizer = make_optimizer(config, plan, transfer.backbone_variables(model))
-        optimizer.build(model.trainable_variables)
+        optimizer = make_optimizer(config, plan, model)
         # Averages of the initial (or pretrained) weights; restored below on resume.
         weight_average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
