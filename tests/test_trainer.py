@@ -184,6 +184,13 @@ def test_interrupted_run_resumes_step_optimizer_and_learning_rate(demo_dir, tmp_
     assert tf.train.load_variable(ckpt, "step/.ATTRIBUTES/VARIABLE_VALUE") == 60
     # The learning rate after resume follows the same schedule, step for step.
     assert _learning_rates(parts) == pytest.approx(_learning_rates(whole))
+    # Each logged rate is the one its step applied: step k ran at peak * (k-1) / warmup_steps
+    # in the warmup (0.5 epochs; the optimizer's own `learning_rate` is already the next
+    # step's), and the last step's is not yet the schedule's final 0.
+    train_images = sum(1 for _ in (demo_dir / "train").glob("*/*.jpg"))
+    warmup_steps = round(0.5 * (train_images // 32))
+    assert _learning_rates(whole)[5] == pytest.approx(0.003 * 4 / warmup_steps, rel=1e-5)
+    assert _learning_rates(whole)[60] > 0
     # Same data, same steps: the resumed run ends where the uninterrupted one did.
     whole_vars = dict(tf.train.list_variables(str(whole / "checkpoints")))
     for name, _ in tf.train.list_variables(ckpt):

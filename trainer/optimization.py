@@ -74,6 +74,7 @@ def make_optimizer(config: Config, plan: RunPlan, model: keras.Model
     return optimizer
 
 
-def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return float(inner.learning_rate)
+def learning_rate_of_step(plan: RunPlan, step: int) -> float:
+    """The (head's) learning rate that training step `step` (1-based) applied. The optimizer's
+    `learning_rate` after that step is already the next step's, so it is not reported."""
+    return float(learning_rate_schedule(plan)(step - 1))

@@ -30,7 +30,7 @@ from trainer import (checkpoints, distribute, evaluation, performance, pretraine
                      summaries)
 from trainer.config import Config, RunPlan, parse_profile_steps, parse_randaugment
 from trainer.ema import WeightAverage
-from trainer.optimization import current_learning_rate, make_optimizer
+from trainer.optimization import learning_rate_of_step, make_optimizer
 from trainer.step import Metrics, StepFunctions
 
 # Exit code meaning "interrupted cleanly, checkpoint saved: start me again" (EX_TEMPFAIL).
@@ -371,7 +371,8 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                     input_shares.append(float(input_seconds) / seconds)
             values = train_metrics.results()
             del values["images"]
-            values.update(learning_rate=current_learning_rate(optimizer), images_per_second=rate,
+            values.update(learning_rate=learning_rate_of_step(plan, current),
+                          images_per_second=rate,
                           step_time_ms=1000 * seconds / num,
                           mfu=rate * speed.train_flops_per_image / speed.ceiling)
             if steps.time_input:
