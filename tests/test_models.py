@@ -389,6 +389,40 @@ def test_finetune_from_keras_file_of_another_class_count_then_freeze_and_unfreez
     assert not np.array_equal(unfrozen["stem_bn"][2], after["stem_bn"][2])  # moving mean
 
 
+def test_pretrained_weights_file_loads_with_its_own_class_count_or_fails_in_one_line(
+        tiny_dir, donor_file, tmp_path):
+    """--pretrained=FILE.weights.h5: the head's class count is read from the file (5, the
+    donor's, not the new run's 3) and every weight is the saved one; weights of another model
+    are refused with one line naming the file."""
+    from trainer import flags as trainer_flags
+    from trainer import pretrained
+    saved = keras.models.load_model(donor_file)
+    weights_file = tmp_path / "donor.weights.h5"
+    saved.save_weights(weights_file)
+    other_file = tmp_path / "other.weights.h5"
+    registry.build("mobilenetv3small", 5, 32).save_weights(other_file)
+
+    def donor_of(path, model="small_resnet"):
+        try:
+            config = trainer_flags.config_from_argv([
+                f"--data_dir={tiny_dir}", f"--model_dir={tmp_path / 'run'}", f"--model={model}",
+                "--image_size=32", f"--pretrained={path}"])
+        finally:
+            trainer_flags.flags.FLAGS.unparse_flags()
+        return pretrained.load_donor(config)
+
+    donor = donor_of(weights_file)
+    assert donor.model.output.shape[-1] == 5 and not donor.skip_head
+    for a, b in zip(donor.model.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(pretrained.PretrainedError) as error:
+        donor_of(other_file)
+    message = str(error.value)
+    assert message.startswith(f"--pretrained={other_file}: not the weights of a "
+                              f"--model=small_resnet"), message
+    assert "\n" not in message
+
+
 def test_finetuned_run_beats_the_same_run_from_scratch_on_a_small_budget(demo_dir, tmp_path):
     """bench.transfer at a small budget, three trainer processes: a donor learns the digits
     zero..five; then six..nine with 3 training images per class (4 classes: a new head) for
