@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from bench import OneLineErrorParser
+from bench import OneLineErrorParser, TrainerFailed, run_trainer
 
 ROWS = ("trainer", "reference_fit", "tuned_fit", "synthetic", "input", "matmul")
 
@@ -180,7 +180,7 @@ def _common_flags(args) -> list[str]:
 
 
 def _run_trainer(args, synthetic: bool, model_dir: str) -> dict:
-    flags = [f"--data_dir={args.data_dir}", f"--model_dir={model_dir}", f"--model={args.model}",
+    flags = [f"--data_dir={args.data_dir}", f"--model={args.model}",
              f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
              f"--train_steps={args.warmup_steps + args.steps}",
              f"--steps_per_loop={args.warmup_steps}", "--distribution_strategy=mirrored",
@@ -189,12 +189,10 @@ def _run_trainer(args, synthetic: bool, model_dir: str) -> dict:
              "--eval_every_steps=100000", "--noexport_at_end"]
     if synthetic:
         flags.append("--synthetic_data")
-    result = subprocess.run([sys.executable, "-m", "trainer.main", *flags], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"trainer failed:\n{result.stderr[-3000:]}")
-    with open(os.path.join(model_dir, "results.json")) as f:
-        results = json.load(f)
+    try:
+        results, _ = run_trainer(model_dir, flags)
+    except TrainerFailed as e:
+        raise RuntimeError(f"trainer failed:\n{e.output[-3000:]}") from None
     return {"images_per_second": results["images_per_second"],
             "warmup_seconds": results["first_loop_seconds"],
             "input_wait_share": results.get("input_wait_share"),

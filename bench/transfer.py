@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
-from bench import OneLineErrorParser
+from bench import OneLineErrorParser, TrainerFailed, run_trainer
 from data import demo, files
 
 DONOR_CLASSES = demo.CLASS_NAMES[:6]
@@ -63,21 +62,13 @@ def make_datasets(work_dir: str, train_per_class: int,
 
 
 def train(model_dir: str, flags: list[str]) -> dict:
-    """One trainer process; returns its results.json plus the wall time and, when it started
+    """One fresh trainer run; returns its results.json plus the wall time and, when it started
     from a donor, its console line saying what was copied."""
     shutil.rmtree(model_dir, ignore_errors=True)  # a fresh run, never a resume
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "trainer.main", f"--model_dir={model_dir}",
-                             *flags],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        output = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise RuntimeError(f"the trainer exited {result.returncode} for {model_dir}: "
-                           f"{output[-1] if output else 'no output'}")
-    with open(os.path.join(model_dir, "results.json")) as f:
-        results = json.load(f)
+    results, console = run_trainer(model_dir, flags)
     results["process_seconds"] = time.time() - start
-    results["pretrained"] = next((line for line in result.stdout.splitlines()
+    results["pretrained"] = next((line for line in console.splitlines()
                                   if line.startswith("pretrained: ")), None)
     return results
 
@@ -144,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compare(args.work_dir, donor_steps=args.donor_steps, target_steps=args.target_steps,
                 train_per_class=args.train_per_class, seeds=seeds, extra_flags=extra)
-    except RuntimeError as e:
+    except TrainerFailed as e:
         print(f"bench.transfer: {e}", file=sys.stderr)
         return 1
     return 0
