@@ -121,15 +121,8 @@ class StepFunctions:
         if self.grad_accum_steps > 1:
             gradients, loss_sum = self._accumulated_gradients(images, labels, weights)
         else:
-            with tf.GradientTape() as tape:
-                logits = model(images, training=True)
-                per_example = cross_entropy(labels, logits, self.label_smoothing) * weights
-                loss = tf.nn.compute_average_loss(per_example,
-                                                  global_batch_size=self.global_batch_size)
-                if model.losses:
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-                tape_loss = optimizer.scale_loss(loss) if self._loss_scaled else loss
-            gradients = tape.gradient(tape_loss, model.trainable_variables)
+            logits, per_example, gradients = self._forward_backward(
+                images, labels, weights, model.trainable_variables)
         if self._loss_scaled:
             gradients = self._poison_if_any_replica_overflowed(gradients)
         if self.clip_grad_norm > 0 or self.gradient_norm is not None:
@@ -147,6 +140,24 @@ class StepFunctions:
             loss_sum = tf.reduce_sum(per_example)
         return loss_sum
 
+    def _forward_backward(self, images, labels, weights, variables, *, micro_batches: int = 1,
+                          unconnected=tf.UnconnectedGradients.NONE):
+        """Logits, weighted per-example losses, and the gradients of this batch's part of the
+        global mean loss (divided by the *global* batch), plus 1/micro_batches of the
+        regularization losses (so that k micro-batches count them once); loss-scaled gradients
+        with float16."""
+        model = self.model
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = cross_entropy(labels, logits, self.label_smoothing) * weights
+            loss = tf.nn.compute_average_loss(per_example,
+                                              global_batch_size=self.global_batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses)) / micro_batches
+            tape_loss = self.optimizer.scale_loss(loss) if self._loss_scaled else loss
+        gradients = tape.gradient(tape_loss, variables, unconnected_gradients=unconnected)
+        return logits, per_example, gradients
+
     def _accumulated_gradients(self, images, labels, weights):
         """The summed gradients of `grad_accum_steps` micro-batches of this replica's batch, and
         the sum of their per-example losses; metrics are updated per micro-batch. Each micro
@@ -159,16 +170,9 @@ class StepFunctions:
         for i in tf.range(k):
             part = tf.range(i * micro, (i + 1) * micro)
             x, y, w = tf.gather(images, part), tf.gather(labels, part), tf.gather(weights, part)
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                per_example = cross_entropy(y, logits, self.label_smoothing) * w
-                loss = tf.nn.compute_average_loss(per_example,
-                                                  global_batch_size=self.global_batch_size)
-                if model.losses:  # counted once over the k micro-batches
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses)) / k
-                tape_loss = self.optimizer.scale_loss(loss) if self._loss_scaled else loss
-            gradients = tape.gradient(tape_loss, variables,
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            logits, per_example, gradients = self._forward_backward(
+                x, y, w, variables, micro_batches=k,
+                unconnected=tf.UnconnectedGradients.ZERO)
             total = [t + tf.cast(g, t.dtype) for t, g in zip(total, gradients)]
             self.train_metrics.update(y, logits, per_example, w)
             loss_sum += tf.reduce_sum(per_example)
