@@ -287,11 +287,8 @@ def test_trainer_read_inputs_refuses_an_unknown_valid_class_by_name(messy_dir, t
     from trainer import flags as trainer_flags
     from trainer.train import TrainingError, read_inputs
     model_dir = tmp_path / "run"
-    try:
-        config = trainer_flags.config_from_argv([f"--data_dir={messy_dir}",
-                                                 f"--model_dir={model_dir}"])
-    finally:
-        trainer_flags.flags.FLAGS.unparse_flags()
+    config = trainer_flags.config_from_argv([f"--data_dir={messy_dir}",
+                                             f"--model_dir={model_dir}"])
     with pytest.raises(TrainingError) as error:
         read_inputs(config)
     assert str(error.value).startswith(f"split 'valid' has class folder(s) not in train: "

@@ -152,10 +152,7 @@ def test_a_missing_required_flag_is_named(dataset, missing, expected):
 
 def test_the_valid_base_flags_parse(dataset):
     from trainer import flags as trainer_flags
-    try:
-        config = trainer_flags.config_from_argv(_base(dataset))
-    finally:
-        trainer_flags.flags.FLAGS.unparse_flags()
+    config = trainer_flags.config_from_argv(_base(dataset))
     assert config.on_bad_file == "skip" and config.data_dir == str(dataset / "ok")
 
 

@@ -174,13 +174,10 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update_on_two_replicas(
     images, labels, weights = _random_batch(16, 16, 5, seed=6)
     deltas = {}
     for multiplier in (1.0, 0.25):
-        try:
-            config = trainer_flags.config_from_argv([
-                f"--data_dir={tiny_dir}", "--model_dir=/tmp/unused", "--optimizer=sgd",
-                "--momentum=0", "--warmup_epochs=0", "--base_lr=0.5",
-                f"--backbone_lr_multiplier={multiplier}"])
-        finally:
-            trainer_flags.flags.FLAGS.unparse_flags()
+        config = trainer_flags.config_from_argv([
+            f"--data_dir={tiny_dir}", "--model_dir=/tmp/unused", "--optimizer=sgd",
+            "--momentum=0", "--warmup_epochs=0", "--base_lr=0.5",
+            f"--backbone_lr_multiplier={multiplier}"])
         plan = RunPlan.make(config, 2, 1000)
         with two_replicas.scope():
             model = _bn_free_model(5)
@@ -205,12 +202,9 @@ def test_weight_decay_shrinks_kernels_and_leaves_biases_and_normalisation_alone(
     from trainer import flags as trainer_flags
     from trainer.config import RunPlan
     from trainer.optimization import make_optimizer
-    try:
-        config = trainer_flags.config_from_argv([
-            f"--data_dir={tiny_dir}", "--model_dir=/tmp/unused", f"--optimizer={optimizer_name}",
-            "--weight_decay=0.1", "--warmup_epochs=0", "--base_lr=0.5"])
-    finally:
-        trainer_flags.flags.FLAGS.unparse_flags()
+    config = trainer_flags.config_from_argv([
+        f"--data_dir={tiny_dir}", "--model_dir=/tmp/unused", f"--optimizer={optimizer_name}",
+        "--weight_decay=0.1", "--warmup_epochs=0", "--base_lr=0.5"])
     model = registry.build("small_resnet", 3, 16)
     optimizer = make_optimizer(config, RunPlan.make(config, 1, 100), model)
     variables = model.trainable_variables
@@ -347,12 +341,9 @@ def test_finetune_from_keras_file_of_another_class_count_then_freeze_and_unfreez
         tiny_dir, donor_file, tmp_path):
     from trainer import flags as trainer_flags
     from trainer import pretrained
-    try:
-        config = trainer_flags.config_from_argv([
-            f"--data_dir={tiny_dir}", f"--model_dir={tmp_path / 'run'}", "--model=small_resnet",
-            "--image_size=32", f"--pretrained={donor_file}"])
-    finally:
-        trainer_flags.flags.FLAGS.unparse_flags()
+    config = trainer_flags.config_from_argv([
+        f"--data_dir={tiny_dir}", f"--model_dir={tmp_path / 'run'}", "--model=small_resnet",
+        "--image_size=32", f"--pretrained={donor_file}"])
     donor = pretrained.load_donor(config)
     keras.utils.set_random_seed(7)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -403,12 +394,9 @@ def test_pretrained_weights_file_loads_with_its_own_class_count_or_fails_in_one_
     registry.build("mobilenetv3small", 5, 32).save_weights(other_file)
 
     def donor_of(path, model="small_resnet"):
-        try:
-            config = trainer_flags.config_from_argv([
-                f"--data_dir={tiny_dir}", f"--model_dir={tmp_path / 'run'}", f"--model={model}",
-                "--image_size=32", f"--pretrained={path}"])
-        finally:
-            trainer_flags.flags.FLAGS.unparse_flags()
+        config = trainer_flags.config_from_argv([
+            f"--data_dir={tiny_dir}", f"--model_dir={tmp_path / 'run'}", f"--model={model}",
+            "--image_size=32", f"--pretrained={path}"])
         return pretrained.load_donor(config)
 
     donor = donor_of(weights_file)
@@ -453,17 +441,14 @@ def test_ema_run_evaluates_saves_and_exports_the_averaged_weights(tiny_dir, dono
     from trainer import train
     from trainer.saved_run import SavedRun
     model_dir = tmp_path / "run"
-    try:
-        config = trainer_flags.config_from_argv([
-            f"--data_dir={tiny_dir}", f"--model_dir={model_dir}", "--model=small_resnet",
-            "--image_size=32", "--batch_size=8", "--train_steps=6", "--warmup_epochs=0",
-            "--base_lr=0.01", "--distribution_strategy=one_device", "--steps_per_loop=3",
-            "--noeval_figures", "--ema_decay=0.9", f"--pretrained={donor_file}",
-            "--freeze_backbone_epochs=1", "--mixup_alpha=0.4", "--label_smoothing=0.1",
-            "--grad_accum_steps=2", "--backbone_lr_multiplier=0.5", "--crop_min_area=1",
-            "--norandom_flip"])
-    finally:
-        trainer_flags.flags.FLAGS.unparse_flags()
+    config = trainer_flags.config_from_argv([
+        f"--data_dir={tiny_dir}", f"--model_dir={model_dir}", "--model=small_resnet",
+        "--image_size=32", "--batch_size=8", "--train_steps=6", "--warmup_epochs=0",
+        "--base_lr=0.01", "--distribution_strategy=one_device", "--steps_per_loop=3",
+        "--noeval_figures", "--ema_decay=0.9", f"--pretrained={donor_file}",
+        "--freeze_backbone_epochs=1", "--mixup_alpha=0.4", "--label_smoothing=0.1",
+        "--grad_accum_steps=2", "--backbone_lr_multiplier=0.5", "--crop_min_area=1",
+        "--norandom_flip"])
     results = train.run(config)
     out = capsys.readouterr().out
     assert "copied the weights of" in out and "new head" in out, out
@@ -517,8 +502,5 @@ def test_each_config_parses_and_starts_with_command_hardware_and_expected_result
     # A local --data_dir must exist to parse; the demo's is built on first use, so point
     # local ones at the test copy (s3:// sources parse as they are).
     local_data = [] if "--data_dir=s3://" in path.read_text() else [f"--data_dir={demo_dir}"]
-    try:
-        config = trainer_flags.config_from_argv([f"--flagfile={path}", *local_data])
-    finally:
-        trainer_flags.flags.FLAGS.unparse_flags()
+    config = trainer_flags.config_from_argv([f"--flagfile={path}", *local_data])
     assert config.model in registry.model_names()

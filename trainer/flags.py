@@ -299,10 +299,14 @@ def config_from_flags(values: flags.FlagValues = flags.FLAGS) -> Config:
 
 
 def config_from_argv(argv: list[str]) -> Config:
-    """Parse `argv` (without the program name) afresh and return its Config; for tests and tools."""
+    """Parse `argv` (without the program name) afresh and return its Config; for tests and tools.
+    The flags are left unparsed again, also when parsing fails: the Config is what carries them."""
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["trainer"] + list(argv))
-    return config_from_flags()
+    try:
+        flags.FLAGS(["trainer"] + list(argv))
+        return config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 def _asks_for_model_list(argv: list[str]) -> bool:
