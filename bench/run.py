@@ -42,7 +42,7 @@ ROWS = ("trainer", "reference_fit", "tuned_fit", "synthetic", "input", "matmul")
 # ============================================================================================
 def _setup(replicas: int):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from trainer import distribute
+    from trainer.loop import distribute
     if replicas > 1:
         distribute.split_cpu(replicas)
         return distribute.make_strategy("mirrored", replicas)
@@ -142,7 +142,7 @@ def worker_input(args) -> dict:
 
 def worker_matmul(args) -> dict:
     _setup(1)
-    from trainer import performance
+    from trainer.report import performance
     return {dtype: performance.matmul_flops_per_second(dtype, size=args.matmul_size)
             for dtype in ("float32", "bfloat16")}
 
@@ -150,7 +150,7 @@ def worker_matmul(args) -> dict:
 def worker_flops(args) -> dict:
     _setup(1)
     from models import registry
-    from trainer import performance
+    from trainer.report import performance
     model = registry.build(args.model, 8, args.image_size)
     return {"train_flops_per_image": performance.BACKWARD_FACTOR *
             performance.forward_flops_per_image(model, args.image_size)}

@@ -19,7 +19,7 @@ pytest_plugins = ["tests.s3_server"]
 
 
 def pytest_configure(config):
-    from trainer import distribute
+    from trainer.loop import distribute
     distribute.split_cpu(2)
 
 

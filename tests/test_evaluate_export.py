@@ -101,7 +101,7 @@ def test_best_checkpoint_update_saves_only_improvements_and_survives_a_restart(t
     import keras
     import tensorflow as tf
 
-    from trainer.checkpoints import BestCheckpoint
+    from trainer.state.checkpoints import BestCheckpoint
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     step = tf.Variable(0, dtype=tf.int64)
     checkpoint = tf.train.Checkpoint(model=model, step=step)

@@ -18,7 +18,7 @@ import tensorflow as tf
 from data import layout, pipeline
 from models import registry, transfer
 from tests.conftest import run_trainer
-from trainer.step import Metrics, StepFunctions, cross_entropy
+from trainer.loop.step import Metrics, StepFunctions, cross_entropy
 
 
 def _random_batch(n: int, size: int, num_classes: int, seed: int = 0):
@@ -170,7 +170,7 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update_on_two_replicas(
                                                                               tiny_dir):
     from trainer import flags as trainer_flags
     from trainer.config import RunPlan
-    from trainer.optimization import make_optimizer
+    from trainer.loop.optimization import make_optimizer
     images, labels, weights = _random_batch(16, 16, 5, seed=6)
     deltas = {}
     for multiplier in (1.0, 0.25):
@@ -201,7 +201,7 @@ def test_weight_decay_shrinks_kernels_and_leaves_biases_and_normalisation_alone(
     weight decay alone: every kernel times (1 - lr * decay), every 1-D variable unchanged."""
     from trainer import flags as trainer_flags
     from trainer.config import RunPlan
-    from trainer.optimization import make_optimizer
+    from trainer.loop.optimization import make_optimizer
     config = trainer_flags.config_from_argv([
         f"--data_dir={tiny_dir}", "--model_dir=/tmp/unused", f"--optimizer={optimizer_name}",
         "--weight_decay=0.1", "--warmup_epochs=0", "--base_lr=0.5"])
@@ -340,7 +340,7 @@ def _layer_weights(model) -> dict[str, list[np.ndarray]]:
 def test_finetune_from_keras_file_of_another_class_count_then_freeze_and_unfreeze(
         tiny_dir, donor_file, tmp_path):
     from trainer import flags as trainer_flags
-    from trainer import pretrained
+    from trainer.loop import pretrained
     config = trainer_flags.config_from_argv([
         f"--data_dir={tiny_dir}", f"--model_dir={tmp_path / 'run'}", "--model=small_resnet",
         "--image_size=32", f"--pretrained={donor_file}"])
@@ -386,7 +386,7 @@ def test_pretrained_weights_file_loads_with_its_own_class_count_or_fails_in_one_
     donor's, not the new run's 3) and every weight is the saved one; weights of another model
     are refused with one line naming the file."""
     from trainer import flags as trainer_flags
-    from trainer import pretrained
+    from trainer.loop import pretrained
     saved = keras.models.load_model(donor_file)
     weights_file = tmp_path / "donor.weights.h5"
     saved.save_weights(weights_file)
@@ -438,8 +438,8 @@ def test_ema_run_evaluates_saves_and_exports_the_averaged_weights(tiny_dir, dono
     MixUp, label smoothing, gradient accumulation and --ema_decay: the checkpoint holds the
     averages; model.keras, the export and the tools' restore hold them, not the raw weights."""
     from trainer import flags as trainer_flags
-    from trainer import train
-    from trainer.saved_run import SavedRun
+    from trainer.loop import train
+    from trainer.state.run_dir import SavedRun
     model_dir = tmp_path / "run"
     config = trainer_flags.config_from_argv([
         f"--data_dir={tiny_dir}", f"--model_dir={model_dir}", "--model=small_resnet",

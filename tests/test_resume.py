@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
-from trainer.step import Metrics, StepFunctions
-from trainer.train import StepLossLog
+from trainer.loop.step import Metrics, StepFunctions
+from trainer.loop.train import StepLossLog
 
 EXACT_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=2", "--train_steps=36",
                "--checkpoint_every_steps=4", "--eval_every_steps=12", "--deterministic",

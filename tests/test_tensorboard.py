@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST_DEMO_FLAGS, REPO, trainer_command
-from trainer import summaries
+from trainer.report import summaries
 from trainer.tensorboard import free_port
 
 ARTIFACTS = REPO / "test-artifacts"

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from data import layout, pipeline
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
-from trainer.step import Metrics, StepFunctions
+from trainer.loop.step import Metrics, StepFunctions
 
 
 def _bn_free_model(num_classes: int, seed: int) -> keras.Model:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import sys
 
-from trainer import tool_flags  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL first)
+from trainer.tools import tool_flags  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL first)
 from absl import flags  # noqa: E402
 
 from data import check, layout  # noqa: E402
-from trainer.saved_run import RunError, SavedRun  # noqa: E402
+from trainer.state.run_dir import RunError, SavedRun  # noqa: E402
 
 PROGRAM = "evaluate"
 
@@ -60,17 +60,17 @@ def main(argv: list[str]) -> int:
     checkpoint = run.checkpoint_path(FLAGS.checkpoint)
     tf = tool_flags.import_tensorflow()  # only now: the checks above answer at once
 
-    from trainer import evaluation
+    from trainer.tools import analysis
     step = run.checkpoint_step(checkpoint)
     model = run.restore_model(checkpoint)
-    predictions = evaluation.predict_split(
+    predictions = analysis.predict_split(
         model, files.files, files.labels, image_size=run.image_size,
         batch_size=FLAGS.batch_size or run.eval_batch_size, gallery_size=FLAGS.gallery_size)
-    report = evaluation.make_report(predictions, run.class_names, split=FLAGS.split, step=step,
+    report = analysis.make_report(predictions, run.class_names, split=FLAGS.split, step=step,
                                     checkpoint=checkpoint, data_dir=data_dir)
     output_dir = FLAGS.output_dir or os.path.join(run.model_dir, "evaluation")
     writer = tf.summary.create_file_writer(os.path.join(run.model_dir, "eval"))
-    paths = evaluation.write_report(report, predictions, output_dir, writer)
+    paths = analysis.write_report(report, predictions, output_dir, writer)
     writer.close()
 
     wrong = report.num_images - int(report.per_class["correct"].sum())
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
           f"from {data_dir}")
     print(f"loss {report.loss:.4f}  top-1 {report.accuracy:.4f}  top-5 {report.top5_accuracy:.4f}"
           f"  ({wrong} misclassified)")
-    print("\n".join(evaluation.per_class_lines(report)))
+    print("\n".join(analysis.per_class_lines(report)))
     images = [f"{FLAGS.split}/confusion_matrix"] + [f"{FLAGS.split}/misclassified"] * bool(wrong)
     print(f"written: {paths['json']}, {os.path.basename(paths['confusion_csv'])}, "
           f"{os.path.basename(paths['predictions_csv'])}; TensorBoard: {', '.join(images)} "

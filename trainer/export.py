@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import time
 
-from trainer import tool_flags
+from trainer.tools import tool_flags
 from absl import flags  # noqa: E402
 
-from trainer.saved_run import RunError, SavedRun  # noqa: E402
+from trainer.state.run_dir import RunError, SavedRun  # noqa: E402
 
 PROGRAM = "export"
 
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     run = SavedRun.load(FLAGS.model_dir)
     checkpoint = run.checkpoint_path(FLAGS.checkpoint)
     tool_flags.import_tensorflow()
-    from trainer import serving
+    from trainer.tools import serving
     step = run.checkpoint_step(checkpoint)
     if FLAGS.version == "step" and step is None:
         raise tool_flags.ToolError(f"--version=step: checkpoint {checkpoint} holds no global "

@@ -18,11 +18,11 @@ def main(argv: list[str]) -> int:
     config = trainer_flags.config_from_flags()
     # TensorFlow loads only now, so that flag errors above answer at once; without the C++
     # runtime's import-time lines on stderr, so that a user error is one line there.
-    from trainer.tool_flags import import_tensorflow
+    from trainer.tools.tool_flags import import_tensorflow
     import_tensorflow()
     from data.layout import LayoutError
-    from trainer.distribute import StrategyError
-    from trainer.train import EXIT_PREEMPTED, Preempted, TrainingError, run
+    from trainer.loop.distribute import StrategyError
+    from trainer.loop.train import EXIT_PREEMPTED, Preempted, TrainingError, run
     try:
         run(config)
     except (LayoutError, StrategyError, TrainingError) as e:

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from trainer import tool_flags
+from trainer.tools import tool_flags
 from absl import flags  # noqa: E402
 
 from data import layout  # noqa: E402
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         raise tool_flags.ToolError("give one or more image files or folders after the flags")
     tool_flags.import_tensorflow()
-    from trainer import serving
+    from trainer.tools import serving
     try:
         export_dir = serving.resolve_export_dir(FLAGS.export_dir)
     except serving.ExportError as e:

@@ -114,7 +114,7 @@ class SavedRun:
                            f"{self.model_name} model with {len(self.class_names)} classes "
                            f"({str(e).splitlines()[0][:200]})") from None
         if float(self.config.get("ema_decay") or 0) > 0:
-            from trainer import ema
+            from trainer.loop import ema
             try:
                 ema.restore_into(model, path)
             except (AssertionError, ValueError) as e:

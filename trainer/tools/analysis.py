@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from data import pipeline
-from trainer import checkpoints, summaries
+from trainer.state import checkpoints
+from trainer.report import figures
 
 TOP_K = 5
 
@@ -206,10 +207,10 @@ def write_report(report: Report, predictions: Predictions, output_dir: str,
         step = report.step or 0
         with writer.as_default(step=step):
             tf.summary.image(f"{report.split}/confusion_matrix",
-                             _png_batch(confusion_figure(report.confusion, report.class_names)))
+                             _png_batch(figures.confusion_figure(report.confusion, report.class_names)))
             if len(predictions.gallery_index):
                 tf.summary.image(f"{report.split}/misclassified",
-                                 _png_batch(misclassified_gallery(predictions,
+                                 _png_batch(figures.misclassified_gallery(predictions,
                                                                   report.class_names)))
             tf.summary.text(f"{report.split}/per_class", per_class_markdown(report))
         writer.flush()
@@ -249,48 +250,3 @@ def per_class_markdown(report: Report) -> str:
         lines.append(f"| {name} | {_fmt(report.per_class['precision'][i])} | "
                      f"{_fmt(report.per_class['recall'][i])} | {report.per_class['support'][i]} |")
     return "\n".join(lines)
-
-
-def confusion_figure(confusion: np.ndarray, class_names: list[str]) -> bytes:
-    """The confusion matrix as a PNG: rows true, columns predicted, counts written in the cells
-    when there are few classes."""
-    import matplotlib.pyplot as plt
-    n = len(class_names)
-    size = min(max(5.0, 0.45 * n + 2), 24.0)
-    figure, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(confusion, cmap="Blues", interpolation="nearest")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 60:
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), class_names, fontsize=7)
-    if n <= 30:
-        threshold = confusion.max() / 2 if confusion.size else 0
-        for i in range(n):
-            for j in range(n):
-                if confusion[i, j]:
-                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if confusion[i, j] > threshold else "black")
-    ax.set_title(f"confusion matrix ({int(confusion.sum())} images)")
-    figure.tight_layout()
-    return summaries.figure_to_png(figure)
-
-
-def misclassified_gallery(predictions: Predictions, class_names: list[str],
-                          columns: int = 6) -> bytes:
-    """Misclassified images titled with true and predicted names and the predicted probability."""
-    import matplotlib.pyplot as plt
-    count = len(predictions.gallery_index)
-    columns = min(columns, max(1, count))
-    rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.7 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    probabilities = predictions.probabilities
-    for ax, index, image in zip(axes.flat, predictions.gallery_index, predictions.gallery_images):
-        guess = int(np.argmax(predictions.logits[index]))
-        ax.imshow(image)
-        ax.set_title(f"true: {class_names[predictions.labels[index]]}\n"
-                     f"pred: {class_names[guess]} ({probabilities[index, guess]:.2f})", fontsize=7)
-    figure.tight_layout()
-    return summaries.figure_to_png(figure)

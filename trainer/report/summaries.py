@@ -1,15 +1,10 @@
 """TensorBoard writers and what goes into them: scalars, a sample-image grid, the config."""
 from __future__ import annotations
 
-import io
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display; figures become PNG summaries
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
 
 class Summaries:
@@ -39,26 +34,6 @@ class Summaries:
     def flush(self) -> None:
         self.train.flush()
         self.eval.flush()
-
-
-def figure_to_png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def image_grid(images: np.ndarray, titles: list[str], columns: int = 3) -> bytes:
-    """A grid of uint8 images titled with their class names, as PNG bytes."""
-    rows = -(-len(images) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
-        ax.imshow(image)
-        ax.set_title(title, fontsize=8)
-    figure.tight_layout()
-    return figure_to_png(figure)
 
 
 def markdown_table(rows: dict[str, object]) -> str:

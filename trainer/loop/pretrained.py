@@ -80,7 +80,7 @@ def _imagenet(config: Config) -> Donor:
 
 
 def _from_run(model_dir: str) -> Donor:
-    from trainer.saved_run import RunError, SavedRun
+    from trainer.state.run_dir import RunError, SavedRun
     try:
         run = SavedRun.load(model_dir)
         checkpoint = run.checkpoint_path("latest")

@@ -26,12 +26,18 @@ import tensorflow as tf
 
 from data import check, layout, pipeline
 from models import registry, transfer
-from trainer import (checkpoints, distribute, evaluation, performance, pretrained, serving,
-                     summaries)
+from trainer.state import checkpoints
+from trainer.loop import distribute
+from trainer.tools import analysis
+from trainer.report import figures
+from trainer.report import performance
+from trainer.loop import pretrained
+from trainer.tools import serving
+from trainer.report import summaries
 from trainer.config import Config, RunPlan, parse_profile_steps, parse_randaugment
-from trainer.ema import WeightAverage
-from trainer.optimization import learning_rate_of_step, make_optimizer
-from trainer.step import Metrics, StepFunctions
+from trainer.loop.ema import WeightAverage
+from trainer.loop.optimization import learning_rate_of_step, make_optimizer
+from trainer.loop.step import Metrics, StepFunctions
 
 # Exit code meaning "interrupted cleanly, checkpoint saved: start me again" (EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -523,7 +529,7 @@ def _write_run_description(config: Config, plan: RunPlan, inputs: Inputs, writer
             total_steps=1, cache=False, augment=augment)
         images, labels, _ = next(iter(sample))
         titles = [inputs.class_names[i] for i in labels.numpy()]
-        writers.image(writers.train, 0, tag, summaries.image_grid(images.numpy(), titles))
+        writers.image(writers.train, 0, tag, figures.image_grid(images.numpy(), titles))
     writers.flush()
 
 
@@ -533,13 +539,13 @@ def _write_eval_figures(config: Config, plan: RunPlan, inputs: Inputs, model, wr
     (eval/<split>/confusion_matrix, eval/<split>/misclassified; the tags `trainer.evaluate`
     writes): one more pass over the split with the model, on the chief."""
     files = inputs.eval_splits[split]
-    predictions = evaluation.predict_split(model, files.files, files.labels,
+    predictions = analysis.predict_split(model, files.files, files.labels,
                                            image_size=config.image_size,
                                            batch_size=plan.eval_global_batch_size)
-    confusion = evaluation.confusion_matrix(predictions.labels, predictions.predicted,
+    confusion = analysis.confusion_matrix(predictions.labels, predictions.predicted,
                                             len(inputs.class_names))
     writers.image(writers.eval, step, f"{split}/confusion_matrix",
-                  evaluation.confusion_figure(confusion, inputs.class_names))
+                  figures.confusion_figure(confusion, inputs.class_names))
     if len(predictions.gallery_index):
         writers.image(writers.eval, step, f"{split}/misclassified",
-                      evaluation.misclassified_gallery(predictions, inputs.class_names))
+                      figures.misclassified_gallery(predictions, inputs.class_names))

@@ -1,0 +1,74 @@
+"""Figures for TensorBoard and reports, as PNG bytes: a grid of training images, the confusion
+matrix, a gallery of misclassified images."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; figures become PNG summaries
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def figure_to_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def image_grid(images: np.ndarray, titles: list[str], columns: int = 3) -> bytes:
+    """A grid of uint8 images titled with their class names, as PNG bytes."""
+    rows = -(-len(images) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=8)
+    figure.tight_layout()
+    return figure_to_png(figure)
+
+
+def confusion_figure(confusion: np.ndarray, class_names: list[str]) -> bytes:
+    """The confusion matrix as a PNG: rows true, columns predicted, counts written in the cells
+    when there are few classes."""
+    n = len(class_names)
+    size = min(max(5.0, 0.45 * n + 2), 24.0)
+    figure, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues", interpolation="nearest")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 60:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), class_names, fontsize=7)
+    if n <= 30:
+        threshold = confusion.max() / 2 if confusion.size else 0
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if confusion[i, j] > threshold else "black")
+    ax.set_title(f"confusion matrix ({int(confusion.sum())} images)")
+    figure.tight_layout()
+    return figure_to_png(figure)
+
+
+def misclassified_gallery(predictions, class_names: list[str],
+                          columns: int = 6) -> bytes:
+    """Misclassified images titled with true and predicted names and the predicted probability."""
+    count = len(predictions.gallery_index)
+    columns = min(columns, max(1, count))
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    probabilities = predictions.probabilities
+    for ax, index, image in zip(axes.flat, predictions.gallery_index, predictions.gallery_images):
+        guess = int(np.argmax(predictions.logits[index]))
+        ax.imshow(image)
+        ax.set_title(f"true: {class_names[predictions.labels[index]]}\n"
+                     f"pred: {class_names[guess]} ({probabilities[index, guess]:.2f})", fontsize=7)
+    figure.tight_layout()
+    return figure_to_png(figure)
