@@ -497,6 +497,76 @@ def _statuses(data_dir: str, rel_paths: list[str], cache_path: str | None,
 # ============================================================================================
 # The scan
 # ============================================================================================
+def _read_split(data_dir: str, split: str, listing, statuses: dict, class_names: list[str],
+                label_by_key: dict) -> tuple[SplitReport, list[str], list[int]]:
+    """A split's report, and its readable files of known classes with their labels."""
+    report = SplitReport(split, {}, [], listing.ignored, collections.Counter(),
+                         collections.Counter(), [])
+    files, labels, seen_labels = [], [], set()
+    for folder, rels in listing.classes.items():
+        label = label_by_key.get(layout.class_key(folder))
+        if label is None:
+            report.unknown_classes.append(folder)
+        elif folder != class_names[label]:
+            report.renamed.append((folder, class_names[label]))
+        good = 0
+        for rel in rels:
+            status = statuses[rel]
+            if not status.ok:
+                report.bad_files.append((rel, status.reason))
+                continue
+            good += 1
+            report.sizes[f"{status.width}x{status.height}"] += 1
+            report.formats[status.format] += 1
+            named = _EXTENSION_FORMAT.get(os.path.splitext(rel)[1].lower())
+            if named != status.format:
+                report.misnamed.append((rel, status.format))
+            if label is not None:
+                files.append(os.path.join(data_dir, rel))
+                labels.append(label)
+        report.classes[folder] = good
+        if label is not None and good:
+            seen_labels.add(label)
+    report.sizes, report.formats = dict(report.sizes), dict(report.formats)
+    report.missing_classes = [name for i, name in enumerate(class_names)
+                              if i not in seen_labels and
+                              not any(layout.class_key(f) == layout.class_key(name)
+                                      for f in listing.classes)]
+    return report, files, labels
+
+
+def _split_findings(data_dir: str, report: SplitReport, has_files: bool,
+                    skip_unknown_classes: bool) -> tuple[list[str], list[str]]:
+    """The errors (that stop training) and warnings a split's report gives."""
+    split, errors, warnings = report.name, [], []
+    for folder, train_name in report.renamed:
+        warnings.append(f"{split} class folder {folder!r} taken as train class "
+                        f"{train_name!r} (they differ only by whitespace or case)")
+    if report.unknown_classes:
+        names = ", ".join(map(repr, report.unknown_classes))
+        unknown_images = sum(report.classes[c] for c in report.unknown_classes)
+        if skip_unknown_classes:
+            warnings.append(f"split {split!r}: {unknown_images} images of class folder(s) "
+                            f"not in train left out (--skip_unknown_classes): {names}")
+        else:
+            errors.append(f"split {split!r} has class folder(s) not in train: {names} "
+                          f"(labels come from train; pass --skip_unknown_classes to leave "
+                          f"those images out)")
+    empty = [c for c, n in report.classes.items() if n == 0]
+    if not has_files:
+        errors.append(f"split {split!r} in {data_dir!r} holds no readable images")
+    elif split == "train" and empty:
+        errors.append(f"train class(es) with no readable image: {', '.join(map(repr, empty))}"
+                      f" (a class needs training images: fix or remove the folder)")
+    elif empty:
+        warnings.append(f"{split} class(es) with no readable image: "
+                        f"{', '.join(map(repr, empty))}")
+    if split != "train" and report.missing_classes:
+        warnings.append(f"split {split!r} has no images of {len(report.missing_classes)} "
+                        f"train class(es): {', '.join(map(repr, report.missing_classes))}")
+    return errors, warnings
+
+
 def scan(data_dir: str, class_names: list[str] | None = None, *,
          skip_unknown_classes: bool = False, on_bad_file: str = "skip",
          cache_path: str | None = None, log=None) -> ScanResult:
@@ -530,63 +600,11 @@ def scan(data_dir: str, class_names: list[str] | None = None, *,
     reports, split_files = {}, {}
     for split, listing in listings.items():
         errors += listing.unreadable
-        report = SplitReport(split, {}, [], listing.ignored, collections.Counter(),
-                             collections.Counter(), [])
-        files, labels, seen_labels = [], [], set()
-        for folder, rels in listing.classes.items():
-            label = label_by_key.get(layout.class_key(folder))
-            if label is None:
-                report.unknown_classes.append(folder)
-            elif folder != class_names[label]:
-                report.renamed.append((folder, class_names[label]))
-            good = 0
-            for rel in rels:
-                status = statuses[rel]
-                if not status.ok:
-                    report.bad_files.append((rel, status.reason))
-                    continue
-                good += 1
-                report.sizes[f"{status.width}x{status.height}"] += 1
-                report.formats[status.format] += 1
-                named = _EXTENSION_FORMAT.get(os.path.splitext(rel)[1].lower())
-                if named != status.format:
-                    report.misnamed.append((rel, status.format))
-                if label is not None:
-                    files.append(os.path.join(data_dir, rel))
-                    labels.append(label)
-            report.classes[folder] = good
-            if label is not None and good:
-                seen_labels.add(label)
-        report.sizes, report.formats = dict(report.sizes), dict(report.formats)
-        report.missing_classes = [name for i, name in enumerate(class_names)
-                                  if i not in seen_labels and
-                                  not any(layout.class_key(f) == layout.class_key(name)
-                                          for f in listing.classes)]
-        for folder, train_name in report.renamed:
-            warnings.append(f"{split} class folder {folder!r} taken as train class "
-                            f"{train_name!r} (they differ only by whitespace or case)")
-        if report.unknown_classes:
-            names = ", ".join(map(repr, report.unknown_classes))
-            unknown_images = sum(report.classes[c] for c in report.unknown_classes)
-            if skip_unknown_classes:
-                warnings.append(f"split {split!r}: {unknown_images} images of class folder(s) "
-                                f"not in train left out (--skip_unknown_classes): {names}")
-            else:
-                errors.append(f"split {split!r} has class folder(s) not in train: {names} "
-                              f"(labels come from train; pass --skip_unknown_classes to leave "
-                              f"those images out)")
-        empty = [c for c, n in report.classes.items() if n == 0]
-        if not files:
-            errors.append(f"split {split!r} in {data_dir!r} holds no readable images")
-        elif split == "train" and empty:
-            errors.append(f"train class(es) with no readable image: {', '.join(map(repr, empty))}"
-                          f" (a class needs training images: fix or remove the folder)")
-        elif empty:
-            warnings.append(f"{split} class(es) with no readable image: "
-                            f"{', '.join(map(repr, empty))}")
-        if split != "train" and report.missing_classes:
-            warnings.append(f"split {split!r} has no images of {len(report.missing_classes)} "
-                            f"train class(es): {', '.join(map(repr, report.missing_classes))}")
+        report, files, labels = _read_split(data_dir, split, listing, statuses, class_names,
+                                            label_by_key)
+        problems, notes = _split_findings(data_dir, report, bool(files), skip_unknown_classes)
+        errors += problems
+        warnings += notes
         reports[split] = report
         split_files[split] = layout.SplitFiles(split, tuple(files), tuple(labels),
                                                tuple(report.renamed),

@@ -433,6 +433,42 @@ async def _download_all(fs, bucket: str, objects: list[_Object], workers: int,
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
 
 
+def _objects_of_listing(listing: list[dict], prefix: str, dest: str
+                        ) -> tuple[list[_Object], list[str]]:
+    """The objects to sync with their local paths, and the keys refused as unsafe."""
+    objects: list[_Object] = []
+    refused: list[str] = []
+    for entry in listing:
+        object_key = entry["Key"]
+        if object_key.endswith("/"):
+            continue  # a "folder" marker, not a file
+        try:
+            path = local_path_for_key(prefix, object_key, dest)
+        except UnsafeKeyError:
+            refused.append(object_key)
+            continue
+        objects.append(_Object(object_key, int(entry.get("Size", 0)),
+                               str(entry.get("ETag", "")).strip('"'), path))
+    return objects, refused
+
+
+def _download(fs, bucket: str, to_fetch: list[_Object], workers: int, max_attempts: int,
+              progress: bool, describe) -> _State:
+    """Fetches `to_fetch` with a progress bar; what went wrong is in the returned state."""
+    import fsspec.asyn
+    state = _State()
+    bar = _Progress(progress and bool(to_fetch), len(to_fetch), sum(o.size for o in to_fetch))
+    try:
+        if to_fetch:
+            fsspec.asyn.sync(fs.loop, _download_all, fs, bucket, to_fetch, workers,
+                             max_attempts, bar, state, describe)
+    except Exception as error:  # noqa: BLE001 - e.g. an unexpected bug: still one line
+        state.abort = error
+    finally:
+        bar.close()
+    return state
+
+
 def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None = None,
          key: str | None = None, secret: str | None = None, workers: int = 16,
          progress: bool = True, connect_timeout: float = 5, read_timeout: float = 20,
@@ -452,12 +488,14 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
     hidden = tuple(s for s in (key, secret) if s)
     endpoint = endpoint_url or "AWS S3"
 
+    def describe(error: BaseException) -> str:
+        return describe_error(error, endpoint=endpoint, bucket=bucket, anon=anon,
+                              connect_timeout=connect_timeout, read_timeout=read_timeout,
+                              secrets_to_hide=hidden)
+
     def fail(error: BaseException, summary: SyncSummary | None = None,
              context: str = "") -> S3SyncError:
-        cause = describe_error(error, endpoint=endpoint, bucket=bucket, anon=anon,
-                               connect_timeout=connect_timeout, read_timeout=read_timeout,
-                               secrets_to_hide=hidden)
-        return S3SyncError(f"{url}: {context}{cause}", summary)
+        return S3SyncError(f"{url}: {context}{describe(error)}", summary)
 
     try:
         dest = os.path.abspath(dest)
@@ -476,19 +514,7 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
     except Exception as error:  # noqa: BLE001 - every cause becomes one line
         raise fail(error) from None
 
-    objects: list[_Object] = []
-    refused: list[str] = []
-    for entry in listing:
-        object_key = entry["Key"]
-        if object_key.endswith("/"):
-            continue  # a "folder" marker, not a file
-        try:
-            path = local_path_for_key(prefix, object_key, dest)
-        except UnsafeKeyError:
-            refused.append(object_key)
-            continue
-        objects.append(_Object(object_key, int(entry.get("Size", 0)),
-                               str(entry.get("ETag", "")).strip('"'), path))
+    objects, refused = _objects_of_listing(listing, prefix, dest)
     if not objects and not refused:
         raise S3SyncError(f"{url}: no objects under this prefix at {endpoint}")
 
@@ -498,35 +524,17 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
     to_fetch = [obj for obj, done in zip(objects, up_to_date) if not done]
     skipped = len(objects) - len(to_fetch)
 
-    state = _State()
-    bar = _Progress(progress and bool(to_fetch), len(to_fetch), sum(o.size for o in to_fetch))
-
-    def describe(error):
-        return describe_error(error, endpoint=endpoint, bucket=bucket, anon=anon,
-                              connect_timeout=connect_timeout, read_timeout=read_timeout,
-                              secrets_to_hide=hidden)
-
-    def summary() -> SyncSummary:
-        return SyncSummary(downloaded=state.downloaded, skipped=skipped,
-                           failed=len(state.failures), bytes=state.bytes,
-                           seconds=time.monotonic() - start, refused=refused,
-                           failures=dict(state.failures))
-
-    try:
-        if to_fetch:
-            fsspec.asyn.sync(fs.loop, _download_all, fs, bucket, to_fetch, workers,
-                             max_attempts, bar, state, describe)
-    except Exception as error:  # noqa: BLE001 - e.g. an unexpected bug: still one line
-        state.abort = error
-    finally:
-        bar.close()
-    result = summary()
-    if state.abort is not None:
-        error = state.abort
-        if isinstance(error, OSError) and error.errno in FATAL_LOCAL_ERRNOS:
-            raise S3SyncError(f"{url}: cannot write under {dest}: "
-                              f"{error.strerror or error}; {result.downloaded} files were "
-                              f"downloaded before, run again to resume", result) from None
+    state = _download(fs, bucket, to_fetch, workers, max_attempts, progress, describe)
+    result = SyncSummary(downloaded=state.downloaded, skipped=skipped,
+                         failed=len(state.failures), bytes=state.bytes,
+                         seconds=time.monotonic() - start, refused=refused,
+                         failures=dict(state.failures))
+    error = state.abort
+    if isinstance(error, OSError) and error.errno in FATAL_LOCAL_ERRNOS:
+        raise S3SyncError(f"{url}: cannot write under {dest}: {error.strerror or error}; "
+                          f"{result.downloaded} files were downloaded before, run again to "
+                          f"resume", result) from None
+    if error is not None:
         raise fail(error, result,
                    context=(f"stopped after {result.downloaded + skipped} of {len(objects)} "
                             f"files (kept; run again to resume): ")) from None

@@ -16,10 +16,12 @@ import tensorflow as tf
 
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
 from trainer.loop.step import Metrics, StepFunctions
-from trainer.loop.train import StepLossLog
+from trainer.loop.actions import StepLossLog
 
-EXACT_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=2", "--train_steps=36",
-               "--checkpoint_every_steps=4", "--eval_every_steps=12", "--deterministic",
+# About 100 steps over three epochs of 39 steps (1258 demo images, global batch 32), so that
+# the kills below fall in the second and third epochs.
+EXACT_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=5", "--train_steps=100",
+               "--checkpoint_every_steps=10", "--eval_every_steps=40", "--deterministic",
                "--distribution_strategy=mirrored", "--cpu_devices=2", "--noeval_figures",
                "--noexport_at_end")
 
@@ -82,15 +84,15 @@ def test_sigkill_three_times_resumes_bit_identical(demo_dir, tmp_path):
     run_trainer(f"--model_dir={whole}", *flags)
 
     parts = tmp_path / "parts"
-    # Saves come at steps 2, 6, 10, ... (the first loop, then every 4 steps); a kill after the
-    # step-8 line leaves steps 7-8 to be trained again.
-    first_kill = _kill_after_step(parts, flags, 8)
+    # Saves come after the first loop, then every 10 steps; a kill after the step-45 line
+    # (epoch 2) leaves the steps since the last save to be trained again.
+    first_kill = _kill_after_step(parts, flags, 45)
     assert _latest_step(parts / "checkpoints") < first_kill
     _kill_during_save(parts, flags)
     after_save_kill = _latest_step(parts / "checkpoints")
-    assert after_save_kill >= first_kill - 2
-    third_kill = _kill_after_step(parts, flags, after_save_kill + 5)
-    assert third_kill > after_save_kill
+    assert after_save_kill >= first_kill - 10
+    third_kill = _kill_after_step(parts, flags, max(85, after_save_kill + 5))  # epoch 3
+    assert third_kill > after_save_kill and third_kill > 78
     result = run_trainer(f"--model_dir={parts}", *flags)
     assert "resumed from" in result.stdout
 
@@ -101,7 +103,7 @@ def test_sigkill_three_times_resumes_bit_identical(demo_dir, tmp_path):
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
     whole_losses = StepLossLog.read(whole / "step_losses.tsv")
     parts_losses = StepLossLog.read(parts / "step_losses.tsv")
-    assert sorted(whole_losses) == list(range(1, 37))
+    assert sorted(whole_losses) == list(range(1, 101))
     assert parts_losses == whole_losses
     whole_results = json.loads((whole / "results.json").read_text())
     parts_results = json.loads((parts / "results.json").read_text())
@@ -121,7 +123,8 @@ def test_incompatible_restart_and_finished_run(demo_dir, tmp_path):
     changed = run_trainer(*flags, "--image_size=40", check=False)
     assert changed.returncode == 1
     assert changed.stderr.strip().splitlines()[-1] == (
-        f"trainer: --image_size=40 but the run in '{model_dir}' used 32; use a new --model_dir")
+        f"trainer: --image_size=40 but the run in '{model_dir}' used 32: the model was built "
+        f"for that input size; use a new --model_dir")
     assert "Traceback" not in changed.stderr
 
     other_data = tmp_path / "data"
@@ -267,6 +270,6 @@ def test_two_workers_train_together_and_the_chief_checkpoint_resumes(demo_dir, t
     assert _latest_step(model_dir / "checkpoints") == 6
     # The chief's checkpoint resumes in a single-process run with one replica.
     result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
-                         "--train_steps=9", "--steps_per_loop=3",
+                         "--train_steps=9", "--allow_change=train_steps", "--steps_per_loop=3",
                          "--distribution_strategy=one_device")
     assert "at step 6" in result.stdout and "step 9/9" in result.stdout

@@ -1,6 +1,7 @@
 """The run configuration: a frozen dataclass built from the flags (see trainer/flags.py).
 
-Field names are the flag names; defaults and help live with the flags only.
+Field names are the flag names. The defaults live here, once: trainer/flags.py takes each
+flag's default from `Config`, and tests build a `Config(...)` without parsing any argv.
 
 `Config` holds what the user asked for. `RunPlan` holds what follows from it once the replica
 count and dataset size are known (global batch, learning rate, steps); both are written into
@@ -16,64 +17,68 @@ import math
 @dataclasses.dataclass(frozen=True)
 class Config:
     # Data
-    data_dir: str
-    model_dir: str
-    image_size: int
-    cache_images: bool
-    crop_min_area: float
-    random_flip: bool
-    skip_unknown_classes: bool
-    on_bad_file: str
+    data_dir: str | None = None
+    model_dir: str = ''
+    image_size: int = 224
+    cache_images: bool = True
+    crop_min_area: float = 0.25
+    random_flip: bool = True
+    skip_unknown_classes: bool = False
+    on_bad_file: str = 'skip'
     # Model
-    model: str
-    list_models: bool
+    model: str = 'resnet50'
+    list_models: bool = False
     # Fine-tuning
-    pretrained: str  # "", "imagenet", a .keras/.weights.h5 file or a run's model_dir
-    freeze_backbone_epochs: float
-    backbone_lr_multiplier: float
+    pretrained: str = ''  # "", "imagenet", a .keras/.weights.h5 file or a run's model_dir
+    freeze_backbone_epochs: float = 0.0
+    backbone_lr_multiplier: float = 1.0
     # Batch and optimisation
-    batch_size: int
-    scale_batch: bool
-    optimizer: str
-    base_lr: float
-    scale_lr: bool
-    warmup_epochs: float
-    weight_decay: float
-    momentum: float
-    clip_grad_norm: float
-    grad_accum_steps: int
+    batch_size: int = 64
+    scale_batch: bool = False
+    optimizer: str = 'adam'
+    base_lr: float = 0.001
+    scale_lr: bool = False
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    clip_grad_norm: float = 0.0
+    grad_accum_steps: int = 1
     # Training recipes
-    label_smoothing: float
-    mixup_alpha: float
-    cutmix_alpha: float
-    ema_decay: float
-    randaugment: str  # "N,M" or "" (see parse_randaugment)
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    ema_decay: float = 0.0
+    randaugment: str = ''  # "N,M" or "" (see parse_randaugment)
     # Duration: train_steps overrides epochs when set (> 0).
-    epochs: float
-    train_steps: int
-    steps_per_loop: int
+    epochs: float = 10.0
+    train_steps: int = 0
+    steps_per_loop: int = 50
     # Distribution and numerics
-    distribution_strategy: str
-    cpu_devices: int
-    mixed_precision: str
-    xla: bool
-    seed: int
-    deterministic: bool
-    data_cache_dir: str
-    s3_anon: bool
-    s3_endpoint_url: str | None
-    synthetic_data: bool
-    synthetic_classes: int
-    export_at_end: bool
+    distribution_strategy: str = 'mirrored'
+    cpu_devices: int = 0
+    mixed_precision: str = 'none'
+    xla: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    data_cache_dir: str = 'dataset'
+    s3_anon: bool = False
+    s3_endpoint_url: str | None = None
+    synthetic_data: bool = False
+    synthetic_classes: int = 1000
+    export_at_end: bool = True
     # Outer loop cadence (0 = only at the end)
-    eval_every_steps: int
-    checkpoint_every_steps: int
-    keep_checkpoints: int
-    eval_batch_size: int
+    eval_every_steps: int = 0
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 3
+    eval_batch_size: int = 0
     # TensorBoard extras
-    eval_figures: bool
-    summary_histograms: bool
-    profile_steps: str  # "A,B" or "" (see parse_profile_steps)
+    eval_figures: bool = True
+    summary_histograms: bool = False
+    profile_steps: str = ''  # "A,B" or "" (see parse_profile_steps)
+    # Recovery and resume
+    on_nan: str = 'stop'  # stop | rollback (see trainer/loop/actions.py)
+    allow_change: str = ''  # FLAG[,FLAG...] that may differ from the run's saved config
+    debug_nan_batches: str = ''  # data positions whose loss is made NaN (tests of --on_nan)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -113,6 +118,11 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    # After a run is extended (--allow_change=epochs on resume) the learning rate continues
+    # from `decay_from_lr` at `decay_from_step` and decays on a cosine to 0 at the new end,
+    # instead of jumping to where the longer cosine would be (see optimization.py).
+    decay_from_step: int = 0
+    decay_from_lr: float = 0.0
 
     @classmethod
     def make(cls, config: Config, num_replicas: int, num_train_images: int) -> "RunPlan":
@@ -127,6 +137,11 @@ class RunPlan:
         warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 2)
         return cls(num_replicas, global_batch, eval_batch, learning_rate, num_train_images,
                    steps_per_epoch, total_steps, warmup)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunPlan":
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch

@@ -12,135 +12,152 @@ import sys
 from absl import flags
 
 from models import registry
+from trainer.loop import resume
 from trainer.config import Config, parse_profile_steps, parse_randaugment
+
+_D = Config()  # every flag's default is the Config field's
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
 PRECISIONS = ("none", "bfloat16", "float16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 # --- data -----------------------------------------------------------------------------------
-flags.DEFINE_string("data_dir", None, "Dataset root holding train/, valid/ (and test/) with one "
+flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root holding train/, valid/ (and test/) with one "
                     "folder per class.")
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, "
                     "results.json. Starting again with the same model_dir resumes.")
-flags.DEFINE_integer("image_size", 224, "Images are decoded and resized to image_size^2.",
+flags.DEFINE_integer("image_size", _D.image_size, "Images are decoded and resized to image_size^2.",
                      lower_bound=8)
-flags.DEFINE_boolean("cache_images", True, "Keep decoded uint8 images in memory after the first "
+flags.DEFINE_boolean("cache_images", _D.cache_images, "Keep decoded uint8 images in memory after the first "
                      "epoch (image_size^2*3 bytes each).")
-flags.DEFINE_float("crop_min_area", 0.25, "Random-resized crop: smallest fraction of the image "
+flags.DEFINE_float("crop_min_area", _D.crop_min_area, "Random-resized crop: smallest fraction of the image "
                    "area kept; 1 disables cropping.", lower_bound=0.01, upper_bound=1.0)
-flags.DEFINE_boolean("random_flip", True, "Random horizontal flips in training.")
-flags.DEFINE_boolean("skip_unknown_classes", False, "Leave out valid/test images whose class "
+flags.DEFINE_boolean("random_flip", _D.random_flip, "Random horizontal flips in training.")
+flags.DEFINE_boolean("skip_unknown_classes", _D.skip_unknown_classes, "Leave out valid/test images whose class "
                      "is not in train, instead of stopping.")
-flags.DEFINE_enum("on_bad_file", "skip", ["skip", "fail"], "Files the data check cannot decode "
+flags.DEFINE_enum("on_bad_file", _D.on_bad_file, ["skip", "fail"], "Files the data check cannot decode "
                   "(empty, truncated, HTML pages named .jpg): `skip` leaves them out and lists "
                   "them in model_dir/data_report.txt; `fail` stops before training.")
 # --- model ----------------------------------------------------------------------------------
-flags.DEFINE_enum("model", "resnet50", registry.model_names(), "Model architecture "
+flags.DEFINE_enum("model", _D.model, registry.model_names(), "Model architecture "
                   "(--list_models describes them).")
-flags.DEFINE_boolean("list_models", False, "Print the model names with a one-line description "
+flags.DEFINE_boolean("list_models", _D.list_models, "Print the model names with a one-line description "
                      "each and exit (no other flag needed).")
 # --- fine-tuning ----------------------------------------------------------------------------
-flags.DEFINE_string("pretrained", "", "Start from these weights: `imagenet` (keras.applications' "
+flags.DEFINE_string("pretrained", _D.pretrained, "Start from these weights: `imagenet` (keras.applications' "
                     "backbone weights, downloaded once into ~/.keras/models), a .keras or "
                     ".weights.h5 file, or the --model_dir of an earlier run (its latest "
                     "checkpoint). Layers are matched by name; the head (logits) is replaced when "
                     "the class count differs. Not used when --model_dir already holds a "
                     "checkpoint (resume).")
-flags.DEFINE_float("freeze_backbone_epochs", 0.0, "Train only the head for this many epochs "
+flags.DEFINE_float("freeze_backbone_epochs", _D.freeze_backbone_epochs, "Train only the head for this many epochs "
                    "(the frozen backbone's BatchNorm in inference mode), then everything.",
                    lower_bound=0.0)
-flags.DEFINE_float("backbone_lr_multiplier", 1.0, "The backbone's learning rate is the "
+flags.DEFINE_float("backbone_lr_multiplier", _D.backbone_lr_multiplier, "The backbone's learning rate is the "
                    "schedule's times this; the head's is the schedule's (weight decay is not "
                    "scaled).", lower_bound=0.0)
 # --- batch and optimisation -----------------------------------------------------------------
-flags.DEFINE_integer("batch_size", 64, "Global batch size (per replica with --scale_batch).",
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (per replica with --scale_batch).",
                      lower_bound=1)
-flags.DEFINE_boolean("scale_batch", False, "Read --batch_size as per replica: the global batch "
+flags.DEFINE_boolean("scale_batch", _D.scale_batch, "Read --batch_size as per replica: the global batch "
                      "is batch_size x replicas.")
-flags.DEFINE_enum("optimizer", "adam", OPTIMIZERS, "Optimizer.")
-flags.DEFINE_float("base_lr", 1e-3, "Peak learning rate (after warmup, before scaling).",
+flags.DEFINE_enum("optimizer", _D.optimizer, OPTIMIZERS, "Optimizer.")
+flags.DEFINE_float("base_lr", _D.base_lr, "Peak learning rate (after warmup, before scaling).",
                    lower_bound=0.0)
-flags.DEFINE_boolean("scale_lr", False, "Multiply --base_lr by the replica count (linear "
+flags.DEFINE_boolean("scale_lr", _D.scale_lr, "Multiply --base_lr by the replica count (linear "
                      "scaling rule).")
-flags.DEFINE_float("warmup_epochs", 1.0, "Linear warmup length in epochs, then cosine decay to 0.",
+flags.DEFINE_float("warmup_epochs", _D.warmup_epochs, "Linear warmup length in epochs, then cosine decay to 0.",
                    lower_bound=0.0)
-flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (adamw, sgd); biases and "
+flags.DEFINE_float("weight_decay", _D.weight_decay, "Decoupled weight decay (adamw, sgd); biases and "
                    "normalisation scales/offsets are not decayed.", lower_bound=0.0)
-flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_float("clip_grad_norm", 0.0, "Clip by the global norm of the all-reduced gradient "
+flags.DEFINE_float("momentum", _D.momentum, "SGD (Nesterov) momentum.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("clip_grad_norm", _D.clip_grad_norm, "Clip by the global norm of the all-reduced gradient "
                    "(across replicas); 0 disables.", lower_bound=0.0)
-flags.DEFINE_integer("grad_accum_steps", 1, "Split each replica's batch into N micro-batches "
+flags.DEFINE_integer("grad_accum_steps", _D.grad_accum_steps, "Split each replica's batch into N micro-batches "
                      "and sum their gradients before one optimizer update: the update of the "
                      "whole batch with 1/N of the activation memory (BatchNorm sees "
                      "micro-batches). --batch_size stays the batch per update.", lower_bound=1)
 # --- training recipes -----------------------------------------------------------------------
-flags.DEFINE_float("label_smoothing", 0.0, "Cross-entropy against (1-e)*target + e/classes; the "
+flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Cross-entropy against (1-e)*target + e/classes; the "
                    "reported training loss is this smoothed loss, evaluation's the plain one.",
                    lower_bound=0.0)
-flags.DEFINE_float("mixup_alpha", 0.0, "MixUp: each training image and its label are mixed "
+flags.DEFINE_float("mixup_alpha", _D.mixup_alpha, "MixUp: each training image and its label are mixed "
                    "with another of its replica batch by a Beta(a, a) weight; 0 disables. With "
                    "--cutmix_alpha too, each batch uses one of the two, chosen at random.",
                    lower_bound=0.0)
-flags.DEFINE_float("cutmix_alpha", 0.0, "CutMix: a box from another image of the replica batch "
+flags.DEFINE_float("cutmix_alpha", _D.cutmix_alpha, "CutMix: a box from another image of the replica batch "
                    "is pasted in, labels mixed by area, box area from Beta(a, a); 0 disables.",
                    lower_bound=0.0)
-flags.DEFINE_string("randaugment", "", "N,M: RandAugment, N operations of magnitude M (0-10; "
+flags.DEFINE_string("randaugment", _D.randaugment, "N,M: RandAugment, N operations of magnitude M (0-10; "
                     "e.g. 2,9) drawn per training image from 14 (colour, contrast, rotate, "
                     "shear, translate, solarize, ...), seeded like the crops so resume stays "
                     "exact; empty: off.")
-flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the weights (e.g. "
+flags.DEFINE_float("ema_decay", _D.ema_decay, "Keep an exponential moving average of the weights (e.g. "
                    "0.999; decay warmed up as min(decay, (1+t)/(10+t)) at update t): evaluation, "
                    "best checkpoint choice, model.keras and the export use the averaged weights. "
                    "0 disables.", lower_bound=0.0)
 # --- duration -------------------------------------------------------------------------------
-flags.DEFINE_float("epochs", 10.0, "Training length in epochs (fractions allowed).",
+flags.DEFINE_float("epochs", _D.epochs, "Training length in epochs (fractions allowed).",
                    lower_bound=0.0)
-flags.DEFINE_integer("train_steps", 0, "Training length in steps; overrides --epochs when > 0.",
+flags.DEFINE_integer("train_steps", _D.train_steps, "Training length in steps; overrides --epochs when > 0.",
                      lower_bound=0)
-flags.DEFINE_integer("steps_per_loop", 50, "Steps per tf.function call; one console line and one "
+flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop, "Steps per tf.function call; one console line and one "
                      "set of summaries per loop.", lower_bound=1)
-flags.DEFINE_integer("eval_every_steps", 0, "Evaluate on valid every N steps (0: once per "
+flags.DEFINE_integer("eval_every_steps", _D.eval_every_steps, "Evaluate on valid every N steps (0: once per "
                      "epoch).", lower_bound=0)
-flags.DEFINE_integer("checkpoint_every_steps", 500, "Save a checkpoint every N steps (and at "
+flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps, "Save a checkpoint every N steps (and at "
                      "the end).", lower_bound=1)
-flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.", lower_bound=1)
-flags.DEFINE_integer("eval_batch_size", 0, "Global evaluation batch (0: the training global "
+flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "How many recent checkpoints to keep.", lower_bound=1)
+flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation batch (0: the training global "
                      "batch).", lower_bound=0)
 # --- distribution and numerics --------------------------------------------------------------
-flags.DEFINE_enum("distribution_strategy", "mirrored", STRATEGIES, "tf.distribute strategy.")
-flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into N logical devices so that "
+flags.DEFINE_enum("distribution_strategy", _D.distribution_strategy, STRATEGIES, "tf.distribute strategy.")
+flags.DEFINE_integer("cpu_devices", _D.cpu_devices, "Split the host CPU into N logical devices so that "
                      "`mirrored` runs N replicas on a machine without GPUs (0: no split).",
                      lower_bound=0)
-flags.DEFINE_enum("mixed_precision", "none", PRECISIONS, "Compute dtype; float16 uses dynamic "
+flags.DEFINE_enum("mixed_precision", _D.mixed_precision, PRECISIONS, "Compute dtype; float16 uses dynamic "
                   "loss scaling.")
-flags.DEFINE_boolean("xla", False, "Compile the replica step with XLA (jit_compile).")
-flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.",
+flags.DEFINE_boolean("xla", _D.xla, "Compile the replica step with XLA (jit_compile).")
+flags.DEFINE_integer("seed", _D.seed, "Seed for weights, data order and augmentation.",
                      lower_bound=0, upper_bound=2**32 - 1)
-flags.DEFINE_boolean("deterministic", False, "Turn on TensorFlow op determinism: an interrupted "
+flags.DEFINE_boolean("deterministic", _D.deterministic, "Turn on TensorFlow op determinism: an interrupted "
                      "and resumed run ends with weights bit-identical to an uninterrupted one "
                      "(slower).")
 # --- TensorBoard extras ---------------------------------------------------------------------
-flags.DEFINE_boolean("eval_figures", True, "At each evaluation, one more pass over the split to "
+flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, one more pass over the split to "
                      "draw its confusion matrix and a gallery of misclassified images.")
-flags.DEFINE_boolean("summary_histograms", False, "Weight histograms each loop and the global "
+flags.DEFINE_boolean("summary_histograms", _D.summary_histograms, "Weight histograms each loop and the global "
                      "gradient norm (one more all-reduce per step).")
-flags.DEFINE_string("profile_steps", "", "A,B: trace the loops covering training steps A..B "
+flags.DEFINE_string("profile_steps", _D.profile_steps, "A,B: trace the loops covering training steps A..B "
                     "(1-based) with tf.profiler into model_dir/train (Profile tab; needs "
                     "tensorboard-plugin-profile to view); empty: off.")
 
-flags.DEFINE_string("data_cache_dir", "dataset", "Where --data_dir=s3://BUCKET/PREFIX is synced "
+flags.DEFINE_string("data_cache_dir", _D.data_cache_dir, "Where --data_dir=s3://BUCKET/PREFIX is synced "
                     "to (as DATA_CACHE_DIR/BUCKET/PREFIX) before training; every worker syncs "
                     "its own copy.")
-flags.DEFINE_boolean("s3_anon", False, "Read S3 anonymously (public buckets); otherwise the "
+flags.DEFINE_boolean("s3_anon", _D.s3_anon, "Read S3 anonymously (public buckets); otherwise the "
                      "standard AWS credential chain (environment, ~/.aws) is used.")
-flags.DEFINE_string("s3_endpoint_url", None, "Endpoint of an S3-compatible store (MinIO, Ceph, "
+flags.DEFINE_string("s3_endpoint_url", _D.s3_endpoint_url, "Endpoint of an S3-compatible store (MinIO, Ceph, "
                     "SeaweedFS); default: AWS.")
-flags.DEFINE_boolean("synthetic_data", False, "Train on in-memory random images instead of "
+flags.DEFINE_boolean("synthetic_data", _D.synthetic_data, "Train on in-memory random images instead of "
                      "--data_dir (no evaluation): the model's compute ceiling on this host.")
-flags.DEFINE_integer("synthetic_classes", 1000, "Class count with --synthetic_data.",
+flags.DEFINE_integer("synthetic_classes", _D.synthetic_classes, "Class count with --synthetic_data.",
                      lower_bound=2)
-flags.DEFINE_boolean("export_at_end", True, "Export a SavedModel for serving when training ends.")
+flags.DEFINE_boolean("export_at_end", _D.export_at_end, "Export a SavedModel for serving when training ends.")
+
+# --- recovery and resume --------------------------------------------------------------------
+flags.DEFINE_enum("on_nan", _D.on_nan, ["stop", "rollback"], "A loop whose loss or weights are "
+                  "not finite: `stop` ends the run (nothing of it saved); `rollback` restores the "
+                  "latest checkpoint (every checkpoint is checked finite before it is saved), "
+                  "skips the batches from there to the end of the failed loop and goes on, at "
+                  f"most {resume.MAX_ROLLBACKS} times per run.")
+flags.DEFINE_list("allow_change", _D.allow_change, "On resume, accept these flags differing "
+                  "from the run's saved config (e.g. epochs,base_lr); each accepted change is "
+                  "described in one line. Without it a change that alters what the checkpoint "
+                  f"means is refused. Changeable: {', '.join(resume.CHANGEABLE)}.")
+flags.DEFINE_list("debug_nan_batches", _D.debug_nan_batches, "Testing aid: data positions "
+                  "(0-based global batch numbers) whose training loss is made NaN, to exercise "
+                  "--on_nan.")
 
 flags.mark_flags_as_required(["model_dir"])
 
@@ -293,9 +310,26 @@ def _image_size_fits_model(values):
     return True
 
 
+@flags.validator("allow_change")
+def _allow_change_names(value):
+    unknown = [name for name in value if name not in resume.CHANGEABLE]
+    if unknown:
+        raise flags.ValidationError(f"{', '.join(unknown)} cannot be changed on resume (these "
+                                    f"can: {', '.join(resume.CHANGEABLE)})")
+    return True
+
+
+@flags.validator("debug_nan_batches", message="--debug_nan_batches must be batch numbers >= 0")
+def _debug_nan_batches(value):
+    return all(item.isdigit() for item in value)
+
+
 def config_from_flags(values: flags.FlagValues = flags.FLAGS) -> Config:
-    """One flag per Config field, same name."""
-    return Config(**{field.name: values[field.name].value for field in dataclasses.fields(Config)})
+    """One flag per Config field, same name (list flags joined with commas)."""
+    def value(name):
+        v = values[name].value
+        return ",".join(v) if isinstance(v, list) else v
+    return Config(**{field.name: value(field.name) for field in dataclasses.fields(Config)})
 
 
 def config_from_argv(argv: list[str]) -> Config:

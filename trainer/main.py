@@ -22,7 +22,9 @@ def main(argv: list[str]) -> int:
     import_tensorflow()
     from data.layout import LayoutError
     from trainer.loop.distribute import StrategyError
-    from trainer.loop.train import EXIT_PREEMPTED, Preempted, TrainingError, run
+    from trainer.loop.controller import EXIT_PREEMPTED, Preempted
+    from trainer.loop.inputs import TrainingError
+    from trainer.loop.train import run
     try:
         run(config)
     except (LayoutError, StrategyError, TrainingError) as e:

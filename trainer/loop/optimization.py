@@ -1,19 +1,85 @@
-"""Optimizer and learning-rate schedule from a Config and RunPlan."""
+"""Optimizer and learning-rate schedule from a Config and RunPlan.
+
+One counter drives the schedule: the run's global step (`step` in the checkpoint), which counts
+every training step, also those float16's loss scaler skips. The optimizer reads the rate through
+a callable over that variable, so the logged rate (`learning_rate_of_step`), the applied rate and
+the data position agree; `optimizer.iterations` (which skipped steps do not advance) is left to
+Adam's bias correction and the weight averages.
+"""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import keras
+import tensorflow as tf
 
 from models import transfer
 from trainer.config import Config, RunPlan
+from trainer.loop.resume import SCHEDULE_FLAGS, ResumeError
 
 
-def learning_rate_schedule(plan: RunPlan) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Linear warmup from 0 to the peak rate, then cosine decay to 0 at the last step."""
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if plan.warmup_steps else plan.learning_rate,
-        decay_steps=max(1, plan.total_steps - plan.warmup_steps),
-        warmup_target=plan.learning_rate if plan.warmup_steps else None,
-        warmup_steps=plan.warmup_steps)
+class RunSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to the peak rate, then cosine decay to 0 at the last step. After an
+    extension (plan.decay_from_step > 0) the rate instead goes on from `decay_from_lr` at that
+    step and decays on a cosine to 0 at the new last step: no jump."""
+
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        self.base = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if plan.warmup_steps else plan.learning_rate,
+            decay_steps=max(1, plan.total_steps - plan.warmup_steps),
+            warmup_target=plan.learning_rate if plan.warmup_steps else None,
+            warmup_steps=plan.warmup_steps)
+
+    def __call__(self, step):
+        plan = self.plan
+        if not plan.decay_from_step:
+            return self.base(step)
+        step = tf.cast(step, tf.float32)
+        start = float(plan.decay_from_step)
+        done = tf.clip_by_value((step - start) / max(1.0, plan.total_steps - start), 0.0, 1.0)
+        tail = plan.decay_from_lr * 0.5 * (1.0 + tf.cos(math.pi * done))
+        return tf.where(step < start, self.base(step), tail)
+
+    def get_config(self):
+        return dataclasses.asdict(self.plan)
+
+
+def learning_rate_schedule(plan: RunPlan) -> RunSchedule:
+    return RunSchedule(plan)
+
+
+def continue_plan(saved: RunPlan, fresh: RunPlan, step: int, accepted: list[str]
+                  ) -> tuple[RunPlan, str | None]:
+    """The plan a resumed run goes on with, and a line describing an accepted schedule change.
+
+    The saved plan stays in force (only the replica count may differ) unless a schedule flag was
+    accepted: then the fresh plan's length, warmup and peak apply, and if the length changed
+    past the warmup, the rate goes on from where it was and decays to 0 at the new end."""
+    if fresh.global_batch_size != saved.global_batch_size:
+        raise ResumeError(f"the global batch is {fresh.global_batch_size} ({fresh.num_replicas} "
+                          f"replica(s)) but the run used {saved.global_batch_size}: the data "
+                          f"position and schedule are counted in its batches; use the same "
+                          f"global batch (--batch_size without --scale_batch) or a new "
+                          f"--model_dir")
+    changed = [name for name in accepted if name in SCHEDULE_FLAGS]
+    if not changed:
+        return dataclasses.replace(saved, num_replicas=fresh.num_replicas), None
+    ratio = fresh.learning_rate / saved.learning_rate
+    plan = dataclasses.replace(fresh, decay_from_step=saved.decay_from_step,
+                               decay_from_lr=saved.decay_from_lr * ratio)
+    before = float(RunSchedule(saved)(step))
+    if fresh.total_steps != saved.total_steps and step > fresh.warmup_steps:
+        plan = dataclasses.replace(plan, decay_from_step=step, decay_from_lr=before * ratio)
+    after = float(RunSchedule(plan)(step))
+    hint = "" if after > 0 or step >= plan.total_steps else (
+        " (the schedule had already decayed to 0, so the added steps train at 0: to train on, "
+        "start a new run with --pretrained=<this model_dir>)")
+    return plan, (f"{', '.join('--' + name for name in changed)} changed (--allow_change): "
+                  f"the run ends at step {plan.total_steps} (was {saved.total_steps}); the "
+                  f"learning rate at step {step} is {after:.4g} (was to be {before:.4g}) and "
+                  f"decays on a cosine to 0 at step {plan.total_steps}{hint}")
 
 
 def _with_lr_multipliers(optimizer_class):
@@ -39,14 +105,18 @@ def _with_lr_multipliers(optimizer_class):
     return WithLrMultipliers
 
 
-def make_optimizer(config: Config, plan: RunPlan, model: keras.Model
+def make_optimizer(config: Config, plan: RunPlan, model: keras.Model, step: tf.Variable
                    ) -> keras.optimizers.Optimizer:
     """The configured optimizer, built for `model`'s trainable variables (call it in the
     strategy's scope). With --backbone_lr_multiplier != 1 the backbone (every trainable
     variable but the head's) is updated at the multiplied learning rate. --weight_decay leaves
     out one-dimensional variables (biases, normalisation scales and offsets), as timm and
-    big_vision do: decaying them towards 0 only fights the normalisation."""
-    schedule = learning_rate_schedule(plan)
+    big_vision do: decaying them towards 0 only fights the normalisation. The learning rate is
+    the schedule at the run's global `step` (see the module doc)."""
+    plan_schedule = learning_rate_schedule(plan)
+
+    def schedule():
+        return plan_schedule(step)
     multiplied = config.backbone_lr_multiplier != 1.0
     classes = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
                "sgd": keras.optimizers.SGD}

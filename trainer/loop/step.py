@@ -79,7 +79,9 @@ class StepFunctions:
                  train_metrics: Metrics, eval_metrics: Metrics, xla: bool = False,
                  clip_grad_norm: float = 0.0, time_input: bool = True,
                  gradient_norm: keras.metrics.Mean | None = None, label_smoothing: float = 0.0,
-                 grad_accum_steps: int = 1, weight_average=None):
+                 grad_accum_steps: int = 1, weight_average=None,
+                 step: tf.Variable | None = None, skipped_batches: tf.Variable | None = None,
+                 nan_batches: tuple[int, ...] = ()):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -93,6 +95,12 @@ class StepFunctions:
         self.label_smoothing = label_smoothing
         self.grad_accum_steps = grad_accum_steps
         self.weight_average = weight_average  # trainer.ema.WeightAverage or None
+        # The run's global step, counted here after every step (skipped float16 steps too): it
+        # drives the learning-rate schedule (optimization.py) and, plus `skipped_batches`
+        # (batches --on_nan=rollback left out), the data position.
+        self.step = step
+        self.skipped_batches = skipped_batches
+        self.nan_batches = tuple(nan_batches)  # --debug_nan_batches: data positions made NaN
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # The state averaged across replicas after each loop (BatchNorm moving statistics),
         # fixed now: freezing the backbone later makes its weights non-trainable too.
@@ -116,13 +124,13 @@ class StepFunctions:
         self._eval_loop_function(iter(dataset))
 
     # --- replica functions ------------------------------------------------------------------
-    def _replica_train_step(self, images, labels, weights):
+    def _replica_train_step(self, images, labels, weights, poison=None):
         model, optimizer = self.model, self.optimizer
         if self.grad_accum_steps > 1:
-            gradients, loss_sum = self._accumulated_gradients(images, labels, weights)
+            gradients, loss_sum = self._accumulated_gradients(images, labels, weights, poison)
         else:
             logits, per_example, gradients = self._forward_backward(
-                images, labels, weights, model.trainable_variables)
+                images, labels, weights, model.trainable_variables, poison=poison)
         if self._loss_scaled:
             gradients = self._poison_if_any_replica_overflowed(gradients)
         if self.clip_grad_norm > 0 or self.gradient_norm is not None:
@@ -141,7 +149,7 @@ class StepFunctions:
         return loss_sum
 
     def _forward_backward(self, images, labels, weights, variables, *, micro_batches: int = 1,
-                          unconnected=tf.UnconnectedGradients.NONE):
+                          unconnected=tf.UnconnectedGradients.NONE, poison=None):
         """Logits, weighted per-example losses, and the gradients of this batch's part of the
         global mean loss (divided by the *global* batch), plus 1/micro_batches of the
         regularization losses (so that k micro-batches count them once); loss-scaled gradients
@@ -150,6 +158,8 @@ class StepFunctions:
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             per_example = cross_entropy(labels, logits, self.label_smoothing) * weights
+            if poison is not None:  # --debug_nan_batches: NaN losses on purpose
+                per_example *= poison
             loss = tf.nn.compute_average_loss(per_example,
                                               global_batch_size=self.global_batch_size)
             if model.losses:
@@ -158,7 +168,7 @@ class StepFunctions:
         gradients = tape.gradient(tape_loss, variables, unconnected_gradients=unconnected)
         return logits, per_example, gradients
 
-    def _accumulated_gradients(self, images, labels, weights):
+    def _accumulated_gradients(self, images, labels, weights, poison=None):
         """The summed gradients of `grad_accum_steps` micro-batches of this replica's batch, and
         the sum of their per-example losses; metrics are updated per micro-batch. Each micro
         loss is divided by the global batch, so the sum is the whole batch's gradient."""
@@ -172,7 +182,7 @@ class StepFunctions:
             x, y, w = tf.gather(images, part), tf.gather(labels, part), tf.gather(weights, part)
             logits, per_example, gradients = self._forward_backward(
                 x, y, w, variables, micro_batches=k,
-                unconnected=tf.UnconnectedGradients.ZERO)
+                unconnected=tf.UnconnectedGradients.ZERO, poison=poison)
             total = [t + tf.cast(g, t.dtype) for t, g in zip(total, gradients)]
             self.train_metrics.update(y, logits, per_example, w)
             loss_sum += tf.reduce_sum(per_example)
@@ -237,15 +247,27 @@ class StepFunctions:
                     input_seconds += tf.timestamp() - before
             else:
                 batch = next(iterator)
-            per_replica_sum = self.strategy.run(self._replica_train, args=batch)
+            per_replica_sum = self.strategy.run(self._replica_train,
+                                                args=tuple(batch) + self._poison())
             loss_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_sum, axis=None)
             if self.weight_average is not None:
                 self.weight_average.update(self.strategy, self.optimizer.iterations)
             previous_loss = loss_sum / self.global_batch_size
             step_losses = step_losses.write(i, previous_loss)
+            if self.step is not None:
+                self.step.assign_add(1)
         if self.strategy.num_replicas_in_sync > 1:
             self._average_model_state()
         return step_losses.stack(), input_seconds
+
+    def _poison(self) -> tuple:
+        """(NaN,) when this step's data position is one of --debug_nan_batches, else (1,);
+        () without the flag (nothing added to the graph)."""
+        if not self.nan_batches:
+            return ()
+        position = self.step + (self.skipped_batches if self.skipped_batches is not None else 0)
+        hit = tf.reduce_any(tf.equal(position, tf.constant(self.nan_batches, tf.int64)))
+        return (tf.where(hit, float("nan"), 1.0),)
 
     def _average_model_state(self):
         """Keras 3 BatchNormalization updates its moving statistics per replica (mirrored

@@ -8,6 +8,7 @@ machine in the compute dtype, not a datasheet number.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -92,3 +93,20 @@ def machine_ceiling(dtype: str, num_gpus_used: int, cache_dir: str | None = None
             pass  # a read-only home only costs a re-measurement next time
     rate = known[key]
     return rate * num_gpus_used if num_gpus_used else rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Speedometer:
+    """What MFU is measured against: training FLOPs per image and the machine's ceiling."""
+    train_flops_per_image: float
+    ceiling: float
+
+    @classmethod
+    def measure(cls, model, image_size: int, mixed_precision: str, strategy) -> "Speedometer":
+        dtype = {"none": "float32"}.get(mixed_precision, mixed_precision)
+        gpus = sum(1 for d in strategy.extended.worker_devices if "GPU" in d.upper())
+        return cls(BACKWARD_FACTOR * forward_flops_per_image(model, image_size),
+                   machine_ceiling(dtype, gpus))
+
+    def mfu(self, images_per_second: float) -> float:
+        return images_per_second * self.train_flops_per_image / self.ceiling

@@ -1,8 +1,6 @@
-"""Checkpoints of model, optimizer and step; the run's saved class list and configuration.
+"""Checkpoints of model, optimizer and the run's counters (the latest K, and the best one).
 
-Resume order (see train.py): read classes.json -> build model and optimizer -> restore the
-latest checkpoint -> derive epoch and position in epoch from the restored step -> build the
-input pipeline from that position.
+Resume order: trainer/loop/train.py's module doc.
 """
 from __future__ import annotations
 
@@ -11,12 +9,8 @@ import os
 
 import tensorflow as tf
 
-from data.files import atomic_write_text  # noqa: F401  (used here and by callers)
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+from data.files import atomic_write_text
+from trainer.state.run_dir import BEST_STATE_FILE, SavedRun, latest_checkpoint, read_best
 
 
 class CheckpointKeeper:
@@ -27,11 +21,12 @@ class CheckpointKeeper:
     """
 
     def __init__(self, directory: str, *, model, optimizer, step: tf.Variable,
-                 max_to_keep: int, every_steps: int, ema=None):
-        # `ema`: the weight averages of --ema_decay (trainer/ema.py), saved as `ema/averages/i`.
+                 max_to_keep: int, every_steps: int, ema=None, **counters: tf.Variable):
+        # `ema`: the weight averages of --ema_decay (trainer/loop/ema.py), saved as
+        # `ema/averages/i`; `counters`: the run's other int64 counters (skipped batches, ...).
         extra = {"ema": ema} if ema is not None else {}
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
-                                              **extra)
+                                              **extra, **counters)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, directory, max_to_keep=max_to_keep, step_counter=step,
             checkpoint_interval=every_steps)
@@ -39,8 +34,7 @@ class CheckpointKeeper:
     def restore_latest(self, directory: str | None = None) -> str | None:
         """Restore the newest checkpoint of `directory` (default: our own). Non-chief workers
         write to a scratch directory but resume from the chief's."""
-        path = tf.train.latest_checkpoint(directory) if directory else \
-            self.manager.latest_checkpoint
+        path = latest_checkpoint(directory) if directory else self.manager.latest_checkpoint
         if path:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         return path
@@ -52,12 +46,9 @@ class CheckpointKeeper:
     def save_at_end(self, step: int) -> str:
         """The final checkpoint, unless the latest one already holds this step."""
         latest = self.manager.latest_checkpoint
-        if latest and tf.train.load_variable(latest, "step/.ATTRIBUTES/VARIABLE_VALUE") == step:
+        if latest and SavedRun.checkpoint_step(latest) == step:
             return latest
         return self.manager.save(check_interval=False)
-
-
-BEST_STATE_FILE = "best.json"
 
 
 class BestCheckpoint:
@@ -81,15 +72,7 @@ class BestCheckpoint:
         self.checkpoint = checkpoint
         self.state = self.read(state_directory or directory)
 
-    @staticmethod
-    def read(directory: str) -> dict | None:
-        """best.json of `directory` with "path" (the checkpoint prefix) added, or None."""
-        path = os.path.join(directory, BEST_STATE_FILE)
-        if not os.path.exists(path):
-            return None
-        state = read_json(path)
-        state["path"] = os.path.join(directory, state["checkpoint"])
-        return state
+    read = staticmethod(read_best)
 
     def update(self, step: int, accuracy: float) -> bool:
         """Save the model as the best one if `accuracy` beats the best so far; True if saved."""

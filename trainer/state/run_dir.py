@@ -1,18 +1,41 @@
-"""A finished (or running) training run read back from its model_dir, for the tools.
+"""The run folder (--model_dir): its file names, and reading them back, for the trainer and
+the tools alike. No TensorFlow at import, so that a wrong --model_dir is answered at once.
 
-`SavedRun.load(model_dir)` reads config.json, classes.json and plan.json without TensorFlow, so
-that a wrong --model_dir is answered at once. `checkpoint_path` resolves latest|best|PATH and
-`restore_model` builds the run's model and restores only its weights from that checkpoint.
+    config.json     the config of the run's first start (never rewritten)
+    runs.jsonl      one line per start: time, command line, host, git commit, the config of that
+                    start, start and end step, exit reason (the last line's config is the one a
+                    resume is compared with)
+    plan.json       the current plan (rewritten when an accepted change re-plans the run)
+    classes.json    class names in label order
+    checkpoints/    CheckpointManager's checkpoints; checkpoints/best/ the best one (best.json)
+    results.json, model.keras, export/<step>/   the finished run's outputs
+
+`SavedRun.load(model_dir)` reads config, classes and plan; `checkpoint_path` resolves
+latest|best|PATH and `restore_model` builds the run's model and restores only its weights.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import getpass
 import json
 import os
+import platform
 import re
+import sys
 
-# Not trainer.checkpoints: it imports TensorFlow, and these checks must answer before that.
-BEST_STATE_FILE = "best.json"  # as trainer.checkpoints.BEST_STATE_FILE
+from data.files import atomic_write_text
+
+CONFIG_FILE = "config.json"
+RUNS_FILE = "runs.jsonl"
+PLAN_FILE = "plan.json"
+CLASSES_FILE = "classes.json"
+RESULTS_FILE = "results.json"
+MODEL_FILE = "model.keras"
+EXPORT_DIR = "export"
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = os.path.join(CHECKPOINT_DIR, "best")
+BEST_STATE_FILE = "best.json"
 
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -151,3 +174,57 @@ def _read_json(path: str):
             return json.load(f)
     except ValueError as e:
         raise RunError(f"{path}: not valid JSON ({e})") from None
+
+
+read_json = _read_json
+
+
+def write_json(path: str, value) -> None:
+    """Atomically: a reader sees the old file or the new one, never a part."""
+    atomic_write_text(path, json.dumps(value, indent=2))
+
+
+def current_config(model_dir: str) -> dict | None:
+    """The config the run last started with (runs.jsonl), else its first one (config.json),
+    else None (a new run)."""
+    runs = read_runs(model_dir)
+    if runs and "config" in runs[-1]:
+        return runs[-1]["config"]
+    path = os.path.join(model_dir, CONFIG_FILE)
+    return _read_json(path) if os.path.exists(path) else None
+
+
+def read_runs(model_dir: str) -> list[dict]:
+    path = os.path.join(model_dir, RUNS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunsLog:
+    """runs.jsonl: `start` appends this start's line; `end` fills in its end step and exit
+    reason (the file is rewritten atomically). A killed process leaves end_step null."""
+
+    def __init__(self, model_dir: str):
+        self.path = os.path.join(model_dir, RUNS_FILE)
+        self.model_dir = model_dir
+
+    def start(self, config: dict, start_step: int, git_commit: str) -> None:
+        entry = {"time": _now(), "command": [os.path.basename(sys.executable)] + sys.argv,
+                 "host": platform.node(), "user": getpass.getuser(), "git_commit": git_commit,
+                 "start_step": start_step, "end_step": None, "exit": None, "config": config}
+        self._write(read_runs(self.model_dir) + [entry])
+
+    def end(self, end_step: int, reason: str) -> None:
+        runs = read_runs(self.model_dir)
+        if runs:
+            runs[-1].update(end_step=end_step, exit=reason, end_time=_now())
+            self._write(runs)
+
+    def _write(self, runs: list[dict]) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in runs))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import pipeline
-from trainer.state import checkpoints
+from data.files import atomic_write_text
 from trainer.report import figures
 
 TOP_K = 5
@@ -195,14 +195,14 @@ def write_report(report: Report, predictions: Predictions, output_dir: str,
     base = os.path.join(output_dir, report.name)
     paths = {"json": base + ".json", "confusion_csv": base + "-confusion.csv",
              "predictions_csv": base + "-predictions.csv"}
-    checkpoints.atomic_write_text(paths["confusion_csv"],
+    atomic_write_text(paths["confusion_csv"],
                                   confusion_csv(report.confusion, report.class_names))
-    checkpoints.atomic_write_text(paths["predictions_csv"],
+    atomic_write_text(paths["predictions_csv"],
                                   predictions_csv(predictions, report.class_names))
     document = report.to_json()
     document["files"] = {"confusion_csv": os.path.basename(paths["confusion_csv"]),
                          "predictions_csv": os.path.basename(paths["predictions_csv"])}
-    checkpoints.atomic_write_text(paths["json"], json.dumps(document, indent=2))
+    atomic_write_text(paths["json"], json.dumps(document, indent=2))
     if writer is not None:
         step = report.step or 0
         with writer.as_default(step=step):

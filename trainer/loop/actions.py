@@ -1,0 +1,206 @@
+"""Small actions the controller runs around each loop and evaluation (Orbit's "actions").
+
+Hooks, each optional: `before_loop(first_step, last_step)`, `after_loop(result)`,
+`after_evaluation(split, step, values)`, `close()`. Actions that change the course of the run
+(the non-finite guard, backbone freezing, the stop signal) have their own small interfaces.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from models import transfer
+from trainer.loop.inputs import TrainingError
+from trainer.loop.resume import MAX_ROLLBACKS
+from trainer.loop.runner import LoopResult, StepRunner
+from trainer.report import figures, summaries
+from trainer.report.console import log
+from trainer.state.run_state import RunState
+from trainer.tools import analysis
+
+
+class StepLossLog:
+    """`step<TAB>loss` per training step in step_losses.tsv, appended each loop. After a resume
+    the steps since the last checkpoint appear again; the last line for a step counts."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_loop(self, result: LoopResult) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(f"{result.first_step + i}\t{loss:.9g}\n"
+                         for i, loss in enumerate(result.step_losses))
+
+    @staticmethod
+    def read(path: str) -> dict[int, float]:
+        with open(path) as f:
+            return {int(step): float(loss) for step, loss in (line.split("\t") for line in f)}
+
+
+class Histograms:
+    """--summary_histograms: weight histograms and the mean global gradient norm per loop."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    def after_loop(self, result: LoopResult) -> None:
+        s = self.state
+        s.writers.scalars(s.writers.train, result.last_step,
+                          {"gradient_norm": float(s.gradient_norm.result())}, "train")
+        s.gradient_norm.reset_state()
+        summaries.write_histograms(s.writers.train, result.last_step, s.model.trainable_variables)
+
+
+class ProfileWindow:
+    """--profile_steps=A,B: a tf.profiler trace of the loops covering steps A..B (1-based),
+    written to `logdir` (model_dir/train: the Profile tab)."""
+
+    def __init__(self, steps: tuple[int, int] | None, logdir: str | None):
+        self.steps, self.logdir, self.active = (steps if logdir else None), logdir, False
+
+    def before_loop(self, first_step: int, last_step: int) -> None:
+        if self.steps and not self.active and first_step <= self.steps[1] and \
+                last_step >= self.steps[0]:
+            tf.profiler.experimental.start(self.logdir)
+            self.active = True
+
+    def after_loop(self, result: LoopResult) -> None:
+        if self.active and result.last_step >= self.steps[1]:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            tf.profiler.experimental.stop()
+            self.active = False
+
+
+class EvalFigures:
+    """The confusion matrix and misclassified gallery of each evaluated split (eval/<split>/...),
+    from one more pass over the split on the chief, with the evaluated weights."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+        s = self.state
+        files = s.inputs.eval_splits[split]
+        with s.averaged():
+            predictions = analysis.predict_split(s.model, files.files, files.labels,
+                                                 image_size=s.config.image_size,
+                                                 batch_size=s.plan.eval_global_batch_size)
+        names = s.inputs.class_names
+        confusion = analysis.confusion_matrix(predictions.labels, predictions.predicted,
+                                              len(names))
+        s.writers.image(s.writers.eval, step, f"{split}/confusion_matrix",
+                        figures.confusion_figure(confusion, names))
+        if len(predictions.gallery_index):
+            s.writers.image(s.writers.eval, step, f"{split}/misclassified",
+                            figures.misclassified_gallery(predictions, names))
+
+
+class TrackBest:
+    """Keeps the checkpoint of the best valid accuracy (checkpoints/best/)."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+        if split == "valid":  # a full checkpoint (with the averages under --ema_decay)
+            self.state.best.update(step, values["accuracy"])
+            log(f"  {self.state.best.describe()}")
+
+
+class NonFiniteGuard:
+    """After every loop: are the loop's losses and the weights (model and optimizer) finite?
+    Weights are checked each loop, so every checkpoint saved is finite. If not: `stop` ends the
+    run; `rollback` restores the latest checkpoint, skips the batches from there to the end of the
+    failed loop (data position = step + skipped batches) and goes on, at most MAX_ROLLBACKS
+    times. Model Garden's RecoveryAction is the model."""
+
+    def __init__(self, state: RunState, runner: StepRunner, policy: str):
+        self.state, self.runner, self.policy = state, runner, policy
+        variables = [v for v in state.model.weights + state.optimizer.variables
+                     if keras.backend.is_float_dtype(v.dtype)]
+        self._finite = tf.function(lambda: tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+
+    def check(self, result: LoopResult) -> bool:
+        """True if the loop is good; False after a rollback (the loop is undone)."""
+        losses_finite = np.isfinite(result.step_losses)
+        if losses_finite.all() and bool(self._finite()):
+            return True
+        bad = result.first_step + int(np.argmin(losses_finite)) if not losses_finite.all() \
+            else result.last_step
+        what = "training loss" if not losses_finite.all() else "weights after the loop"
+        s = self.state
+        latest = s.keeper.manager.latest_checkpoint
+        rollbacks = int(s.rollbacks.numpy())
+        if self.policy == "stop" or latest is None or rollbacks >= MAX_ROLLBACKS:
+            why = ("" if self.policy == "stop" else
+                   "; no checkpoint to roll back to" if latest is None else
+                   f"; {rollbacks} rollbacks already (--on_nan=rollback gives up after "
+                   f"{MAX_ROLLBACKS})")
+            raise TrainingError(f"non-finite {what} at step {bad}{why}; stopped without saving "
+                                f"this loop (latest checkpoint, checked finite when saved: "
+                                f"{latest or 'none'})")
+        return self._roll_back(latest, result, what, bad, rollbacks)
+
+    def _roll_back(self, latest: str, result: LoopResult, what: str, bad: int,
+                   rollbacks: int) -> bool:
+        s = self.state
+        failed_end = s.position  # data position after the failed loop
+        s.restore_latest()
+        skipped = failed_end - s.current_step
+        s.skipped_batches.assign(skipped)
+        s.rollbacks.assign(rollbacks + 1)
+        log(f"non-finite {what} at step {bad}: rolled back to {os.path.basename(latest)} (step "
+            f"{s.current_step}) and skipped the batches to data position {failed_end} "
+            f"(rollback {rollbacks + 1} of at most {MAX_ROLLBACKS})")
+        self.runner.restart_input()
+        return False
+
+
+class BackboneFreeze:
+    """--freeze_backbone_epochs: the head alone trains until `freeze_steps`."""
+
+    def __init__(self, state: RunState, freeze_steps: int):
+        self.state, self.freeze_steps, self.frozen = state, freeze_steps, False
+
+    def update(self, step: int) -> None:
+        if (step < self.freeze_steps) != self.frozen:
+            self.frozen = step < self.freeze_steps
+            transfer.set_backbone_trainable(self.state.model, not self.frozen)
+            self.state.steps.retrace()
+            log(f"backbone frozen until step {self.freeze_steps} (head only)" if self.frozen
+                else f"backbone unfrozen at step {step}")
+
+    def limit(self, step: int, num_steps: int) -> int:
+        """A loop does not cross the unfreezing step."""
+        return min(num_steps, self.freeze_steps - step) if self.frozen else num_steps
+
+    def close(self) -> None:
+        if self.frozen:  # a run that ends frozen still saves a trainable model
+            transfer.set_backbone_trainable(self.state.model, True)
+            self.frozen = False
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag that the controller reads between loops (and the finishing
+    phase between its outputs); the handlers are put back by `close`."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self._previous = {sig: signal.signal(sig, lambda s, f: self.received.append(s))
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

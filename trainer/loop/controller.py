@@ -1,0 +1,85 @@
+"""The controller (Orbit's split): the loop of loops. It decides how many steps each compiled call
+runs, when to evaluate, save and stop; the runner (runner.py) runs the steps; actions
+(actions.py) do the extras; the reporter (report/console.py) writes what the runner returns."""
+from __future__ import annotations
+
+from trainer.loop.actions import BackboneFreeze, NonFiniteGuard, StopSignal
+from trainer.loop.runner import StepRunner
+from trainer.report.console import Reporter, log
+from trainer.state.run_state import RunState
+
+# Exit code meaning "interrupted cleanly, checkpoint saved: start me again" (EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
+class Controller:
+    def __init__(self, state: RunState, runner: StepRunner, reporter: Reporter,
+                 guard: NonFiniteGuard, freeze: BackboneFreeze, stop: StopSignal,
+                 actions: list):
+        self.state, self.runner, self.reporter = state, runner, reporter
+        self.guard, self.freeze, self.stop, self.actions = guard, freeze, stop, actions
+        self.eval_every = state.config.eval_every_steps or state.plan.steps_per_epoch
+
+    def train(self) -> None:
+        """Loops until the last step; raises Preempted after a stop signal (checkpoint saved)."""
+        s, total = self.state, self.state.plan.total_steps
+        while s.current_step < total:
+            step = s.current_step
+            self.freeze.update(step)
+            num = self._loop_length(step)
+            self._each("before_loop", step + 1, step + num)
+            result = self.runner.train(num)
+            if not self.guard.check(result):
+                continue  # rolled back to the latest checkpoint: the loop is undone
+            self.reporter.train_loop(result)
+            self._each("after_loop", result)
+            if result.last_step % self.eval_every == 0 and result.last_step < total and \
+                    "valid" in s.inputs.eval_splits:
+                self.evaluate("valid", result.last_step)
+            with self.reporter.overhead():
+                s.keeper.save()
+                s.writers.flush()
+            if self.stop.requested:
+                self.preempt("")
+
+    def evaluate(self, split: str, step: int, final: bool = False) -> dict[str, float]:
+        """Evaluates the weights that are exported (the averages with --ema_decay)."""
+        with self.state.averaged():
+            values = self.runner.evaluate(split)
+        self.reporter.evaluation(split, step, values, final)
+        self._each("after_evaluation", split, step, values)
+        return values
+
+    def preempt(self, during: str) -> None:
+        s = self.state
+        path = s.keeper.save(force=True) or s.keeper.manager.latest_checkpoint
+        log(f"stopped by signal {self.stop.received[0]}{during} at step {s.current_step}: "
+            f"checkpoint {path} saved; run again with the same --model_dir to "
+            f"{'finish' if during else 'resume'} (exit code {EXIT_PREEMPTED})")
+        raise Preempted(s.current_step)
+
+    def close(self) -> None:
+        self._each("close")
+        self.freeze.close()
+        self.stop.close()
+
+    def _loop_length(self, step: int) -> int:
+        """Steps of the next compiled call: up to --steps_per_loop, not past the next
+        evaluation, the end, or the unfreezing of the backbone."""
+        next_eval = (step // self.eval_every + 1) * self.eval_every
+        num = min(self.state.config.steps_per_loop, self.state.plan.total_steps - step,
+                  next_eval - step)
+        return self.freeze.limit(step, num)
+
+    def _each(self, hook: str, *args) -> None:
+        for action in self.actions:
+            if hasattr(action, hook):
+                getattr(action, hook)(*args)

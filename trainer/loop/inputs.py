@@ -1,0 +1,154 @@
+"""The run's data: the class list and checked files (or synthetic images), and the distributed
+datasets built from them at a given data position."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+from data import check, layout, pipeline
+from trainer.config import Config, RunPlan, parse_randaugment
+from trainer.loop import distribute
+from trainer.state import run_dir
+
+# An "epoch" of --synthetic_data, which has no dataset to define one.
+SYNTHETIC_EPOCH_IMAGES = 10_000
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; str() is a one-line message for the user."""
+
+
+@dataclasses.dataclass
+class Inputs:
+    class_names: list[str]
+    train: layout.SplitFiles
+    eval_splits: dict[str, layout.SplitFiles]
+    synthetic: bool = False
+
+    @property
+    def num_train_images(self) -> int:
+        return SYNTHETIC_EPOCH_IMAGES if self.synthetic else len(self.train)
+
+
+def synthetic_inputs(config: Config) -> Inputs:
+    names = [f"synthetic_{i:04d}" for i in range(config.synthetic_classes)]
+    return Inputs(names, layout.SplitFiles("train", (), ()), {}, synthetic=True)
+
+
+def read_inputs(config: Config, log) -> Inputs:
+    """The class list (the run's classes.json when present: the train folders must match it)
+    and the files of each split that pass the data check."""
+    found = layout.train_class_names(config.data_dir)
+    saved_path = os.path.join(config.model_dir, run_dir.CLASSES_FILE)
+    class_names = found
+    if os.path.exists(saved_path):
+        class_names = run_dir.read_json(saved_path)
+        if class_names != found:
+            added = sorted(set(found) - set(class_names))
+            removed = sorted(set(class_names) - set(found))
+            raise TrainingError(
+                f"the train classes of {config.data_dir!r} differ from the run in "
+                f"{config.model_dir!r}: new {added or 'none'}, missing {removed or 'none'}")
+    # The data check (data/check.py): every image decoded once by the training decoder (cached),
+    # only readable files kept, the report written to model_dir before anything can stop.
+    scanned = check.scan(config.data_dir, class_names,
+                         skip_unknown_classes=config.skip_unknown_classes,
+                         on_bad_file=config.on_bad_file,
+                         cache_path=check.default_cache_path(config.data_dir, config.model_dir),
+                         log=log)
+    report_path = scanned.report.write(config.model_dir)
+    for warning in scanned.report.warnings:
+        log(f"warning: {warning}")
+    if scanned.report.errors:
+        raise TrainingError(scanned.report.error_line(report_path))
+    eval_splits = {split: files for split, files in scanned.splits.items() if split != "train"}
+    return Inputs(class_names, scanned.splits["train"], eval_splits)
+
+
+def sync_from_s3(config: Config, log) -> str:
+    """Sync --data_dir=s3://BUCKET/PREFIX into DATA_CACHE_DIR/BUCKET/PREFIX; returns that path.
+    Incremental: a restart re-downloads nothing that is already complete."""
+    from data import s3
+    try:
+        bucket, prefix = s3.parse_s3_url(config.data_dir)
+    except ValueError as e:
+        raise TrainingError(f"--data_dir: {e}") from None
+    local = os.path.join(config.data_cache_dir, bucket, prefix)
+    log(f"syncing {config.data_dir} to {local}")
+    try:
+        summary = s3.sync(config.data_dir, local, anon=config.s3_anon,
+                          endpoint_url=config.s3_endpoint_url, progress=False)
+    except s3.S3SyncError as e:
+        raise TrainingError(f"--data_dir: {e}") from None
+    log(summary.describe())
+    if not summary.ok:
+        raise TrainingError(f"--data_dir: {summary.failed} file(s) of {config.data_dir} failed "
+                            f"to download and {len(summary.refused)} were refused; run again to "
+                            f"retry (complete files are kept)")
+    return local
+
+
+def train_augment(config: Config) -> pipeline.Augment:
+    return pipeline.Augment(config.crop_min_area, config.random_flip,
+                            parse_randaugment(config.randaugment))
+
+
+def train_iterator(config: Config, plan: RunPlan, inputs: Inputs, strategy, position: int,
+                   end_position: int):
+    """An iterator over the distributed training batches of data positions [position,
+    end_position): the very batches an uninterrupted run would see there."""
+    def dataset_fn(context):
+        if inputs.synthetic:
+            return pipeline.synthetic_dataset(
+                image_size=config.image_size, num_classes=len(inputs.class_names),
+                global_batch_size=plan.global_batch_size, seed=config.seed,
+                num_steps=end_position - position, context=context)
+        return pipeline.train_dataset(
+            inputs.train.files, inputs.train.labels, image_size=config.image_size,
+            global_batch_size=plan.global_batch_size, seed=config.seed, start_step=position,
+            total_steps=end_position, cache=config.cache_images, context=context,
+            augment=train_augment(config),
+            mix=pipeline.Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha))
+
+    return iter(strategy.distribute_datasets_from_function(
+        dataset_fn, distribute.input_options(strategy)))
+
+
+def eval_dataset(config: Config, plan: RunPlan, inputs: Inputs, strategy, split: str):
+    """The distributed dataset of `split`: every image exactly once (weight-0 padding)."""
+    files = inputs.eval_splits[split]
+
+    def dataset_fn(context):
+        return pipeline.eval_dataset(files.files, files.labels, image_size=config.image_size,
+                                     global_batch_size=plan.eval_global_batch_size,
+                                     cache=config.cache_images, context=context)
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def sample_images(config: Config, inputs: Inputs, augment: pipeline.Augment):
+    """The first nine training images of epoch 0 with `augment`: (uint8 images, class names)."""
+    sample = pipeline.train_dataset(
+        inputs.train.files, inputs.train.labels, image_size=config.image_size,
+        global_batch_size=min(9, len(inputs.train)), seed=config.seed, start_step=0,
+        total_steps=1, cache=False, augment=augment)
+    images, labels, _ = next(iter(sample))
+    return images.numpy(), [inputs.class_names[i] for i in labels.numpy()]
+
+
+def check_plan(config: Config, plan: RunPlan) -> None:
+    """Rules that need the replica count and the training set's size."""
+    for name, batch in (("--batch_size", plan.global_batch_size),
+                        ("--eval_batch_size", plan.eval_global_batch_size)):
+        if batch % plan.num_replicas:
+            raise TrainingError(f"{name}: global batch {batch} does not divide by "
+                                f"{plan.num_replicas} replicas")
+    per_replica = plan.global_batch_size // plan.num_replicas
+    if per_replica % config.grad_accum_steps:
+        raise TrainingError(f"--grad_accum_steps={config.grad_accum_steps}: the batch of "
+                            f"{per_replica} per replica does not divide into "
+                            f"{config.grad_accum_steps} micro-batches")
+    if plan.steps_per_epoch < 1:
+        raise TrainingError(f"--batch_size: global batch {plan.global_batch_size} is larger than "
+                            f"the {plan.num_train_images} training images")
+

@@ -1,0 +1,67 @@
+"""The inner trainer (Orbit's "trainer" to controller.py's "controller"): runs N training steps
+in one compiled call and evaluates a split, and owns the input iterators. What `train` returns
+is what gets reported."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.loop import inputs as run_inputs
+from trainer.state.run_state import RunState
+
+
+@dataclasses.dataclass
+class LoopResult:
+    first_step: int  # 1-based number of the loop's first step
+    num_steps: int
+    step_losses: np.ndarray  # the true mean loss of each step's global batch
+    seconds: float
+    input_seconds: float | None  # time in next(iterator); None when not timed (--deterministic)
+    metrics: dict[str, float]  # loss, accuracy, top5_accuracy over the loop
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.num_steps - 1
+
+
+class StepRunner:
+    def __init__(self, state: RunState):
+        self.state = state
+        self.iterator = None
+        self._eval_datasets = {}
+
+    def restart_input(self) -> None:
+        """(Re)start the training input at the state's data position: after the restore, and
+        after a rollback skipped batches."""
+        s = self.state
+        self.iterator = run_inputs.train_iterator(s.config, s.plan, s.inputs, s.strategy,
+                                                  s.position, s.end_position)
+
+    def train(self, num_steps: int) -> LoopResult:
+        s = self.state
+        if self.iterator is None:
+            self.restart_input()
+        first_step = s.current_step + 1
+        s.train_metrics.reset()
+        start = time.time()
+        step_losses, input_seconds = s.steps.train_loop(self.iterator,
+                                                        tf.constant(num_steps, tf.int32))
+        step_losses = step_losses.numpy()
+        seconds = time.time() - start
+        metrics = s.train_metrics.results()
+        del metrics["images"]
+        return LoopResult(first_step, num_steps, step_losses, seconds,
+                          float(input_seconds) if s.steps.time_input else None, metrics)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss, accuracy, top-5 and image count of `split` with the weights the model holds."""
+        s = self.state
+        if split not in self._eval_datasets:
+            self._eval_datasets[split] = run_inputs.eval_dataset(s.config, s.plan, s.inputs,
+                                                                 s.strategy, split)
+        s.eval_metrics.reset()
+        s.steps.eval_loop(self._eval_datasets[split])
+        return s.eval_metrics.results()

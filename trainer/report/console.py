@@ -1,0 +1,92 @@
+"""One reporting path: each loop's and each evaluation's values go to the console, TensorBoard
+and (at the end) results.json from the same dict, and the speed statistics are kept here."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+
+from trainer.config import RunPlan
+from trainer.loop.optimization import learning_rate_of_step
+from trainer.loop.runner import LoopResult
+from trainer.report import summaries
+from trainer.report.performance import Speedometer
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Reporter:
+    def __init__(self, plan: RunPlan, writers: summaries.Summaries, speed: Speedometer,
+                 input_is_upper_bound: bool):
+        self.plan, self.writers, self.speed = plan, writers, speed
+        # With several replicas on one CPU the input timer also catches the other logical
+        # device's work: an upper bound, shown as such (docs/benchmarks.md).
+        self.input_mark = "<=" if input_is_upper_bound else ""
+        self.loop_rates: list[float] = []
+        self.input_shares: list[float] = []
+        self.first_loop_seconds: float | None = None
+        self.overhead_seconds = 0.0  # checkpoints and summaries inside the loop
+        self.start_time = time.time()
+
+    @contextlib.contextmanager
+    def overhead(self):
+        """Time spent in the block counts as checkpoint and summary overhead."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.overhead_seconds += time.time() - start
+
+    def train_loop(self, result: LoopResult) -> dict[str, float]:
+        """The loop's values (metrics, learning rate, speed), written and printed."""
+        plan = self.plan
+        rate = result.num_steps * plan.global_batch_size / result.seconds
+        if self.first_loop_seconds is None:
+            self.first_loop_seconds = result.seconds  # includes tracing: not a steady rate
+        else:
+            self.loop_rates.append(rate)
+            if result.input_seconds is not None:
+                self.input_shares.append(result.input_seconds / result.seconds)
+        values = dict(result.metrics, learning_rate=learning_rate_of_step(plan, result.last_step),
+                      images_per_second=rate, step_time_ms=1000 * result.seconds /
+                      result.num_steps, mfu=self.speed.mfu(rate))
+        if result.input_seconds is not None:
+            values["input_wait_share"] = result.input_seconds / result.seconds
+        with self.overhead():
+            self.writers.scalars(self.writers.train, result.last_step, values, "train")
+            remaining = (plan.total_steps - result.last_step) * plan.global_batch_size / (
+                np.mean(self.loop_rates) if self.loop_rates else rate)
+            share = values.get("input_wait_share")
+            input_text = "" if share is None else f"input {self.input_mark}{share:.0%} "
+            log(f"epoch {plan.epoch_of(result.last_step - 1) + 1} step {result.last_step}/"
+                f"{plan.total_steps} loss {values['loss']:.4f} acc {values['accuracy']:.4f} "
+                f"lr {values['learning_rate']:.3g} {rate:.1f} img/s {input_text}"
+                f"MFU {values['mfu']:.1%} ETA {format_duration(remaining)}")
+        return values
+
+    def evaluation(self, split: str, step: int, values: dict[str, float], final: bool) -> None:
+        self.writers.scalars(self.writers.eval, step, values, split)
+        head = f"final {split}:" if final else f"  {split}"
+        tail = f" ({values['images']} images)" if final else ""
+        log(f"{head} loss {values['loss']:.4f} acc {values['accuracy']:.4f} "
+            f"top5 {values['top5_accuracy']:.4f}{tail}")
+
+    def speed_results(self) -> dict:
+        """Steady-state speed of this process's loops (None for a process that ran none)."""
+        rate = float(np.mean(self.loop_rates)) if self.loop_rates else None
+        return dict(
+            images_per_second=rate, mfu=self.speed.mfu(rate) if rate else None,
+            train_flops_per_image=self.speed.train_flops_per_image,
+            ceiling_flops=self.speed.ceiling,
+            input_wait_share=float(np.mean(self.input_shares)) if self.input_shares else None,
+            checkpoint_and_summary_share=self.overhead_seconds / max(
+                1e-9, time.time() - self.start_time),
+            first_loop_seconds=self.first_loop_seconds)
