@@ -86,7 +86,7 @@ def test_model_trains_a_step_on_two_replicas_and_round_trips_through_keras_file(
     assert model.output.shape[-1] == num_classes
     steps = _step_functions(two_replicas, model, optimizer, 4)
     head_before = model.get_layer("logits").get_weights()[0].copy()
-    losses, _ = steps.train_loop(_per_replica_batches(two_replicas, (images, labels, weights), 2),
+    losses, *_ = steps.train_loop(_per_replica_batches(two_replicas, (images, labels, weights), 2),
                                  tf.constant(1))
     loss = float(losses.numpy()[0])
     assert np.isfinite(loss) and 0 < loss < 20, loss
@@ -144,7 +144,7 @@ def _train_bn_free(strategy, grad_accum_steps: int, num_steps: int = 2):
         optimizer.build(model.trainable_variables)
     steps = _step_functions(strategy, model, optimizer, 16, label_smoothing=0.1,
                             grad_accum_steps=grad_accum_steps)
-    losses, _ = steps.train_loop(_per_replica_batches(strategy, (images, labels, weights), 8),
+    losses, *_ = steps.train_loop(_per_replica_batches(strategy, (images, labels, weights), 8),
                                  tf.constant(num_steps))
     updates = int(keras.ops.convert_to_numpy(optimizer.iterations))
     return model.get_weights(), losses.numpy(), updates, \

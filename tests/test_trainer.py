@@ -44,7 +44,7 @@ def _train_few_steps(strategy, split, num_steps: int, global_batch: int):
                                       total_steps=num_steps, context=context,
                                       augment=pipeline.Augment(crop_min_area=1.0, flip=False))
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    losses, _ = steps.train_loop(iterator, tf.constant(num_steps))
+    losses, *_ = steps.train_loop(iterator, tf.constant(num_steps))
     losses = losses.numpy()
     return initial, model.get_weights(), losses, metrics[0].results()
 

@@ -55,6 +55,7 @@ class Config:
     steps_per_loop: int = 50
     # Distribution and numerics
     distribution_strategy: str = 'mirrored'
+    collective_timeout: float = 300.0  # seconds a worker waits on its peers before giving up
     cpu_devices: int = 0
     mixed_precision: str = 'none'
     xla: bool = False
@@ -79,6 +80,7 @@ class Config:
     on_nan: str = 'stop'  # stop | rollback (see trainer/loop/actions.py)
     allow_change: str = ''  # FLAG[,FLAG...] that may differ from the run's saved config
     debug_nan_batches: str = ''  # data positions whose loss is made NaN (tests of --on_nan)
+    debug_record_batches: bool = False  # write each step's image ids to batch_ids.tsv
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -112,6 +112,10 @@ flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation b
                      "batch).", lower_bound=0)
 # --- distribution and numerics --------------------------------------------------------------
 flags.DEFINE_enum("distribution_strategy", _D.distribution_strategy, STRATEGIES, "tf.distribute strategy.")
+flags.DEFINE_float("collective_timeout", _D.collective_timeout, "multi_worker_mirrored: "
+                   "seconds a worker waits for its peers (a collective, a lost peer's "
+                   "heartbeats: min(this, 30 s)) before it exits with code 69 and one line "
+                   "naming the peer.", lower_bound=1.0)
 flags.DEFINE_integer("cpu_devices", _D.cpu_devices, "Split the host CPU into N logical devices so that "
                      "`mirrored` runs N replicas on a machine without GPUs (0: no split).",
                      lower_bound=0)
@@ -158,6 +162,10 @@ flags.DEFINE_list("allow_change", _D.allow_change, "On resume, accept these flag
 flags.DEFINE_list("debug_nan_batches", _D.debug_nan_batches, "Testing aid: data positions "
                   "(0-based global batch numbers) whose training loss is made NaN, to exercise "
                   "--on_nan.")
+
+flags.DEFINE_boolean("debug_record_batches", _D.debug_record_batches, "Testing aid: write the "
+                     "ids (indices in the sorted train file list) of every global step's "
+                     "images to model_dir/batch_ids.tsv, in replica order.")
 
 flags.mark_flags_as_required(["model_dir"])
 
@@ -244,7 +252,7 @@ def _model_dir_can_be_written(value) -> bool:
 
 flags.register_validator("data_dir", _data_dir_has_splits)
 flags.register_validator("model_dir", _model_dir_can_be_written)
-for _name in ("crop_min_area", "base_lr", "warmup_epochs", "weight_decay", "momentum",
+for _name in ("collective_timeout", "crop_min_area", "base_lr", "warmup_epochs", "weight_decay", "momentum",
               "clip_grad_norm", "epochs", "label_smoothing", "mixup_alpha", "cutmix_alpha",
               "ema_decay", "freeze_backbone_epochs", "backbone_lr_multiplier"):
     # absl's bounds let nan (and inf where there is no upper bound) through.

@@ -1,6 +1,7 @@
 """Train an image classifier: python -m trainer.main --flagfile=configs/NAME.cfg [FLAGS...]"""
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, logging
@@ -23,10 +24,16 @@ def main(argv: list[str]) -> int:
     from data.layout import LayoutError
     from trainer.loop.distribute import StrategyError
     from trainer.loop.controller import EXIT_PREEMPTED, Preempted
-    from trainer.loop.inputs import TrainingError
+    from trainer.loop.inputs import EXIT_PEER_LOST, PeerLost, TrainingError
     from trainer.loop.train import run
     try:
         run(config)
+    except PeerLost as e:
+        # Exit at once: the interpreter's shutdown would wait at the cluster's shutdown
+        # barrier for the peer that is gone.
+        print(f"trainer: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)
     except (LayoutError, StrategyError, TrainingError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         return 1

@@ -41,6 +41,25 @@ class StepLossLog:
             return {int(step): float(loss) for step, loss in (line.split("\t") for line in f)}
 
 
+class BatchIdsLog:
+    """--debug_record_batches: `step<TAB>id,id,...` per training step in batch_ids.tsv (the
+    images of the global batch in replica order); after a resume the last line counts."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_loop(self, result: LoopResult) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(f"{result.first_step + i}\t{','.join(map(str, ids))}\n"
+                         for i, ids in enumerate(result.batch_ids))
+
+    @staticmethod
+    def read(path: str) -> dict[int, list[int]]:
+        with open(path) as f:
+            return {int(step): [int(i) for i in ids.split(",")]
+                    for step, ids in (line.rstrip("\n").split("\t") for line in f)}
+
+
 class Histograms:
     """--summary_histograms: weight histograms and the mean global gradient norm per loop."""
 
@@ -190,17 +209,44 @@ class BackboneFreeze:
 
 class StopSignal:
     """SIGTERM/SIGINT set a flag that the controller reads between loops (and the finishing
-    phase between its outputs); the handlers are put back by `close`."""
+    phase between its outputs); the handlers are put back by `close`.
 
-    def __init__(self):
+    With several workers the flag is agreed: each reading all-reduces it, so a signal to any
+    one worker stops every worker after the same loop, where they all save the same checkpoint
+    (the save is collective) and exit 75. This costs one scalar all-reduce per loop. TF's
+    PreemptionCheckpointHandler does the same job but wraps every step in its own `run`, saves
+    on its own schedule and ends the process itself; an agreed flag keeps the stop inside the
+    controller (checkpoint, runs.jsonl, finishing) at the price of reacting at loop ends."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, num_workers: int):
         self.received: list[int] = []
         self._previous = {sig: signal.signal(sig, lambda s, f: self.received.append(s))
                           for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._agree = _any_worker(strategy) if num_workers > 1 else None
 
     @property
     def requested(self) -> bool:
-        return bool(self.received)
+        """True when this process, or (with several workers) any worker, got a signal. Every
+        worker must read it at the same points (it is a collective there)."""
+        if self._agree is None:
+            return bool(self.received)
+        anywhere = bool(self._agree(tf.constant(1.0 if self.received else 0.0)))
+        if anywhere and not self.received:
+            self.received.append(0)  # 0: another worker's signal
+        return anywhere
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _any_worker(strategy: tf.distribute.Strategy):
+    """A tf.function: True if `flag` (1.0 or 0.0) is 1 on any replica of any worker."""
+    @tf.function
+    def any_flag(flag):
+        def replica_sum(value):
+            return tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.identity(value))
+        total = strategy.experimental_local_results(strategy.run(replica_sum, args=(flag,)))[0]
+        return total > 0
+    return any_flag

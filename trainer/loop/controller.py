@@ -27,6 +27,7 @@ class Controller:
         self.state, self.runner, self.reporter = state, runner, reporter
         self.guard, self.freeze, self.stop, self.actions = guard, freeze, stop, actions
         self.eval_every = state.config.eval_every_steps or state.plan.steps_per_epoch
+        self.last_step = state.current_step  # the last step known done (for error messages)
 
     def train(self) -> None:
         """Loops until the last step; raises Preempted after a stop signal (checkpoint saved)."""
@@ -39,6 +40,7 @@ class Controller:
             result = self.runner.train(num)
             if not self.guard.check(result):
                 continue  # rolled back to the latest checkpoint: the loop is undone
+            self.last_step = result.last_step
             self.reporter.train_loop(result)
             self._each("after_loop", result)
             if result.last_step % self.eval_every == 0 and result.last_step < total and \
@@ -59,9 +61,15 @@ class Controller:
         return values
 
     def preempt(self, during: str) -> None:
+        """Save (in the loop; while finishing the final checkpoint exists) and stop."""
         s = self.state
-        path = s.keeper.save(force=True) or s.keeper.manager.latest_checkpoint
-        log(f"stopped by signal {self.stop.received[0]}{during} at step {s.current_step}: "
+        path = s.keeper.manager.latest_checkpoint if during else \
+            s.keeper.save(force=True) or s.keeper.manager.latest_checkpoint
+        if not s.chief:  # its own copy is in a scratch folder deleted at exit
+            path = f"in the chief's {s.config.model_dir}"
+        sig = self.stop.received[0]
+        who = f"signal {sig}" if sig else "a stop signal to another worker"
+        log(f"stopped by {who}{during} at step {s.current_step}: "
             f"checkpoint {path} saved; run again with the same --model_dir to "
             f"{'finish' if during else 'resume'} (exit code {EXIT_PREEMPTED})")
         raise Preempted(s.current_step)

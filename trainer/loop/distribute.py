@@ -26,7 +26,8 @@ def split_cpu(num_devices: int) -> None:
                             f"with {len(tf.config.list_logical_devices('CPU'))} CPU devices") from e
 
 
-def make_strategy(kind: str, cpu_devices: int = 0) -> tf.distribute.Strategy:
+def make_strategy(kind: str, cpu_devices: int = 0,
+                  collective_timeout: float = 300.0) -> tf.distribute.Strategy:
     gpus = tf.config.list_physical_devices("GPU")
     if cpu_devices > 1:
         split_cpu(cpu_devices)
@@ -50,8 +51,57 @@ def make_strategy(kind: str, cpu_devices: int = 0) -> tf.distribute.Strategy:
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         else:
             resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        _bound_waits_on_peers(resolver, collective_timeout)
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver,
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=collective_timeout))
     raise StrategyError(f"unknown distribution strategy {kind!r}")
+
+
+# A dead or frozen peer stops sending heartbeats; the coordination service then fails every
+# worker's pending collective. TensorFlow's default heartbeat timeout is 10 s; ours is
+# min(--collective_timeout, this), so a short test timeout is honoured too.
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
+
+
+def _bound_waits_on_peers(resolver, collective_timeout: float) -> None:
+    """Configure TensorFlow's coordination service as MultiWorkerMirroredStrategy would, but
+    with bounded waits: a peer that stops sending heartbeats (killed, frozen, cut off) is
+    declared lost after min(collective_timeout, 30) s, and the shutdown barrier at exit waits
+    at most collective_timeout. Collectives that never complete (a peer alive but stuck) fail
+    after collective_timeout through the strategy's CommunicationOptions."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+    jobs = resolver.cluster_spec().as_dict()
+    if context.context().coordination_service is not None or resolver.task_type not in (
+            "chief", "worker"):
+        return
+    leader = "chief" if "chief" in jobs else "worker"
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=f"/job:{leader}/replica:0/task:0",
+        heartbeat_timeout_in_ms=int(1000 * min(collective_timeout, HEARTBEAT_TIMEOUT_SECONDS)),
+        shutdown_barrier_timeout_in_ms=int(1000 * collective_timeout),
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(tasks))
+                          for job, tasks in jobs.items() if job in ("chief", "worker")])
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return sum(len(jobs.get(job, [])) for job in ("chief", "worker")) or 1
+
+
+def task_address(strategy: tf.distribute.Strategy, task: str) -> str:
+    """`host:port` of a task named like "worker:1" (or the name itself if unknown)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    job, _, index = task.partition(":")
+    try:
+        return resolver.cluster_spec().as_dict()[job][int(index)]
+    except (AttributeError, KeyError, IndexError, ValueError):
+        return task
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

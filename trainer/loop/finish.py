@@ -13,8 +13,11 @@ outputs are those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+
+import numpy as np
 
 from trainer.loop.controller import Controller
 from trainer.state import run_dir
@@ -43,15 +46,18 @@ def finish(controller: Controller, run_start: float) -> dict:
         _stop_if_asked(controller)
         results["splits"][split] = controller.evaluate(split, step, final=True)
     results["best_checkpoint"] = s.best.summary()
+    results["weights_sha256"] = weights_digest(s.model)
+    print(f"final weights: sha256 {results['weights_sha256']}", flush=True)  # every worker
     s.writers.flush()
     results.update(controller.reporter.speed_results(), wall_seconds=time.time() - run_start,
                    num_replicas=plan.num_replicas, global_batch_size=plan.global_batch_size)
     if not s.chief:
         return results
-    _stop_if_asked(controller)
+    # From here on the chief works alone: its stop checks must not be collective.
+    _stop_if_asked(controller, here_only=True)
     results["model_file"] = _save_model_file(s)
     if config.export_at_end:
-        _stop_if_asked(controller)
+        _stop_if_asked(controller, here_only=True)
         with s.averaged():
             weights = s.model.get_weights()
         results["export_dir"] = serving.export(
@@ -66,6 +72,15 @@ def finish(controller: Controller, run_start: float) -> dict:
     return results
 
 
+def weights_digest(model) -> str:
+    """A short hash of the model's trained weights: every worker prints it, and they must agree
+    (replicas that drifted apart would not)."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _save_model_file(s) -> str:
     """model.keras with the weights that are evaluated (the averages with --ema_decay)."""
     path = os.path.join(s.config.model_dir, run_dir.MODEL_FILE)
@@ -76,6 +91,6 @@ def _save_model_file(s) -> str:
     return path
 
 
-def _stop_if_asked(controller: Controller) -> None:
-    if controller.stop.requested:
+def _stop_if_asked(controller: Controller, here_only: bool = False) -> None:
+    if controller.stop.received if here_only else controller.stop.requested:
         controller.preempt(" while finishing")

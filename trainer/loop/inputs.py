@@ -19,6 +19,15 @@ class TrainingError(RuntimeError):
     """A run that cannot start or go on; str() is a one-line message for the user."""
 
 
+class PeerLost(TrainingError):
+    """Another worker died, froze or became unreachable (exit code EXIT_PEER_LOST)."""
+
+
+# Exit code of a worker whose peer was lost (EX_UNAVAILABLE): restart every worker, the run
+# resumes from the last checkpoint.
+EXIT_PEER_LOST = 69
+
+
 @dataclasses.dataclass
 class Inputs:
     class_names: list[str]
@@ -109,7 +118,8 @@ def train_iterator(config: Config, plan: RunPlan, inputs: Inputs, strategy, posi
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=position,
             total_steps=end_position, cache=config.cache_images, context=context,
             augment=train_augment(config),
-            mix=pipeline.Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha))
+            mix=pipeline.Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha),
+            with_ids=config.debug_record_batches)
 
     return iter(strategy.distribute_datasets_from_function(
         dataset_fn, distribute.input_options(strategy)))

@@ -21,6 +21,7 @@ class LoopResult:
     seconds: float
     input_seconds: float | None  # time in next(iterator); None when not timed (--deterministic)
     metrics: dict[str, float]  # loss, accuracy, top5_accuracy over the loop
+    batch_ids: np.ndarray  # [steps, global batch] image ids with --debug_record_batches
 
     @property
     def last_step(self) -> int:
@@ -47,14 +48,15 @@ class StepRunner:
         first_step = s.current_step + 1
         s.train_metrics.reset()
         start = time.time()
-        step_losses, input_seconds = s.steps.train_loop(self.iterator,
-                                                        tf.constant(num_steps, tf.int32))
+        step_losses, input_seconds, batch_ids = s.steps.train_loop(
+            self.iterator, tf.constant(num_steps, tf.int32))
         step_losses = step_losses.numpy()
         seconds = time.time() - start
         metrics = s.train_metrics.results()
         del metrics["images"]
         return LoopResult(first_step, num_steps, step_losses, seconds,
-                          float(input_seconds) if s.steps.time_input else None, metrics)
+                          float(input_seconds) if s.steps.time_input else None, metrics,
+                          batch_ids.numpy())
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Loss, accuracy, top-5 and image count of `split` with the weights the model holds."""

@@ -81,7 +81,7 @@ class StepFunctions:
                  gradient_norm: keras.metrics.Mean | None = None, label_smoothing: float = 0.0,
                  grad_accum_steps: int = 1, weight_average=None,
                  step: tf.Variable | None = None, skipped_batches: tf.Variable | None = None,
-                 nan_batches: tuple[int, ...] = ()):
+                 nan_batches: tuple[int, ...] = (), record_ids: bool = False):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -101,6 +101,9 @@ class StepFunctions:
         self.step = step
         self.skipped_batches = skipped_batches
         self.nan_batches = tuple(nan_batches)  # --debug_nan_batches: data positions made NaN
+        # --debug_record_batches: batches carry image ids; the loop returns each step's ids in
+        # global replica order.
+        self.record_ids = record_ids
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # The state averaged across replicas after each loop (BatchNorm moving statistics),
         # fixed now: freezing the backbone later makes its weights non-trainable too.
@@ -234,6 +237,7 @@ class StepFunctions:
         tail still running on the other logical device, so it is an upper bound there
         (docs/benchmarks.md)."""
         step_losses = tf.TensorArray(tf.float32, size=num_steps)
+        step_ids = tf.TensorArray(tf.int32, size=num_steps, element_shape=[None])
         input_seconds = tf.constant(0.0, tf.float64)
         previous_loss = tf.constant(0.0)
         for i in tf.range(num_steps):
@@ -247,6 +251,9 @@ class StepFunctions:
                     input_seconds += tf.timestamp() - before
             else:
                 batch = next(iterator)
+            if self.record_ids:
+                *batch, ids = batch
+                step_ids = step_ids.write(i, self.strategy.gather(ids, axis=0))
             per_replica_sum = self.strategy.run(self._replica_train,
                                                 args=tuple(batch) + self._poison())
             loss_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_sum, axis=None)
@@ -258,7 +265,8 @@ class StepFunctions:
                 self.step.assign_add(1)
         if self.strategy.num_replicas_in_sync > 1:
             self._average_model_state()
-        return step_losses.stack(), input_seconds
+        ids = step_ids.stack() if self.record_ids else tf.zeros([0, 0], tf.int32)
+        return step_losses.stack(), input_seconds, ids
 
     def _poison(self) -> tuple:
         """(NaN,) when this step's data position is one of --debug_nan_batches, else (1,);

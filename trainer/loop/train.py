@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,7 +34,7 @@ from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_profile_steps
 from trainer.loop import actions, distribute, finish, inputs, pretrained, resume
 from trainer.loop.controller import Controller, Preempted
-from trainer.loop.inputs import Inputs, TrainingError
+from trainer.loop.inputs import EXIT_PEER_LOST, Inputs, PeerLost, TrainingError
 from trainer.loop.optimization import continue_plan
 from trainer.loop.runner import StepRunner
 from trainer.report import figures, summaries
@@ -47,7 +48,8 @@ def run(config: Config) -> dict:
     """Train (or resume, or finish) as configured; returns the results written to results.json."""
     run_start = time.time()
     # --- 1-2. strategy; compare with the run's config ------------------------------------------
-    strategy = distribute.make_strategy(config.distribution_strategy, config.cpu_devices)
+    strategy = distribute.make_strategy(config.distribution_strategy, config.cpu_devices,
+                                        config.collective_timeout)
     chief = distribute.is_chief(strategy)
     checkpoint = run_dir.latest_checkpoint(os.path.join(config.model_dir,
                                                         run_dir.CHECKPOINT_DIR))
@@ -119,6 +121,11 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
     except Preempted:
         reason = "preempted"
         raise
+    except tf.errors.OpError as e:
+        if distribute.num_workers(strategy) == 1:
+            raise
+        reason = "peer lost"
+        raise _peer_lost(e, strategy, controller.last_step, config) from None
     finally:
         controller.close()
         if runs:
@@ -143,6 +150,8 @@ def _controller(state: RunState) -> Controller:
               actions.TrackBest(state)]
     if state.gradient_norm is not None:
         extras.append(actions.Histograms(state))
+    if state.steps.record_ids:
+        extras.append(actions.BatchIdsLog(os.path.join(state.work_dir, "batch_ids.tsv")))
     if state.chief and config.eval_figures:
         extras.append(actions.EvalFigures(state))
     log(f"training {config.model} on {plan.num_train_images} images, "
@@ -151,12 +160,29 @@ def _controller(state: RunState) -> Controller:
         f"peak lr {plan.learning_rate:g}")
     return Controller(state, runner, reporter,
                       actions.NonFiniteGuard(state, runner, config.on_nan),
-                      actions.BackboneFreeze(state, freeze_steps), actions.StopSignal(), extras)
+                      actions.BackboneFreeze(state, freeze_steps),
+                      actions.StopSignal(state.strategy, distribute.num_workers(state.strategy)),
+                      extras)
 
 
 # ============================================================================================
 # Set-up helpers
 # ============================================================================================
+def _peer_lost(error: tf.errors.OpError, strategy, step: int, config: Config) -> PeerLost:
+    """One line naming the lost peer (from the error's task names) and the last step done."""
+    resolver = strategy.cluster_resolver
+    me = (resolver.task_type, str(resolver.task_id))
+    tasks = [t for t in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", str(error))
+             if t != me]
+    peer = f"{tasks[0][0]}:{tasks[0][1]}" if tasks else "a peer"
+    text = re.sub(r"\{\{.*?\}\}\s*", "", str(error)).strip()
+    cause = text.splitlines()[0][:160] if text else "no detail"
+    return PeerLost(f"lost contact with {peer} ({distribute.task_address(strategy, peer)}) after "
+                    f"step {step} ({type(error).__name__}: {cause}); checkpoints are kept: "
+                    f"restart every worker to resume (exit code {EXIT_PEER_LOST}; "
+                    f"--collective_timeout={config.collective_timeout:g} s bounds the wait)")
+
+
 def _accepted_changes(config: Config, saved: dict | None) -> list[str]:
     if saved is None:
         return []

@@ -6,6 +6,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from trainer.loop import distribute
+
 
 class Summaries:
     """`train` and `eval` writers under model_dir (or no-op writers on non-chief workers)."""
@@ -75,14 +77,11 @@ def environment(strategy) -> dict[str, object]:
     import sys
 
     import keras
-    resolver = getattr(strategy, "cluster_resolver", None)
-    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    workers = sum(len(cluster.get(job, [])) for job in ("chief", "worker")) or 1
     rows = {"tensorflow": tf.__version__, "keras": keras.__version__,
             "python": sys.version.split()[0], "numpy": np.__version__,
             "host": platform.node(), "platform": platform.platform(),
             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-            "workers": workers,
+            "workers": distribute.num_workers(strategy),
             "devices": ", ".join(d.name for d in tf.config.list_logical_devices()),
             "git_commit": git_commit()}
     for i, gpu in enumerate(tf.config.list_physical_devices("GPU")):

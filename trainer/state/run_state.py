@@ -113,7 +113,8 @@ def create(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         time_input=not config.deterministic, label_smoothing=config.label_smoothing,
         grad_accum_steps=config.grad_accum_steps, weight_average=weight_average, step=step,
         skipped_batches=skipped,
-        nan_batches=tuple(int(b) for b in config.debug_nan_batches.split(",") if b))
+        nan_batches=tuple(int(b) for b in config.debug_nan_batches.split(",") if b),
+        record_ids=config.debug_record_batches and not inputs.synthetic)
     checkpoint_dir = os.path.join(work_dir, run_dir.CHECKPOINT_DIR)
     keeper = checkpoints.CheckpointKeeper(
         checkpoint_dir, model=model, optimizer=optimizer, step=step,
