@@ -233,3 +233,37 @@ def test_a_run_stopped_on_two_replicas_resumes_on_one_with_the_same_images(demo_
     after = range(resumed_at + 1, 21)
     assert np.mean([parts_losses[s] for s in after]) == pytest.approx(
         np.mean([whole_losses[s] for s in after]), rel=0.1)
+
+
+def test_a_scale_batch_resume_on_other_replicas_is_refused_or_counted_in_images(demo_dir,
+                                                                                tmp_path):
+    model_dir = tmp_path / "run"
+    flags = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
+             "--batch_size=16", "--scale_batch", "--epochs=0.5", "--noeval_figures",
+             "--noexport_at_end")
+    first = subprocess.Popen(trainer_command(*flags, "--distribution_strategy=mirrored",
+                                             "--cpu_devices=2"),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    stopped_at = None
+    for line in first.stdout:  # global batch 32: 39 steps per epoch, 20 steps in all
+        if line.startswith("epoch ") and " step 5/20 " in line:
+            first.send_signal(signal.SIGTERM)
+        if line.startswith("stopped by signal"):
+            stopped_at = int(line.split(" at step ")[1].split(":")[0])
+    assert first.wait(timeout=120) == 75 and stopped_at in (5, 10)
+    one = ("--distribution_strategy=one_device",)  # --scale_batch: global batch 16 now
+    refused = run_trainer(*flags, *one, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "trainer: the global batch is 16 (1 replica(s)) but the run used 32: pass "
+        "--allow_change=batch_size to continue from the number of images seen, or use the "
+        "same global batch, or a new --model_dir")
+    resumed = run_trainer(*flags, *one, "--allow_change=batch_size")
+    assert (f"global batch changed from 32 to 16 (--allow_change): step {stopped_at} "
+            f"({stopped_at * 32} images seen) continues as step {2 * stopped_at}; the epoch "
+            f"position and the schedule are counted in images (the run ends at step 40)"
+            ) in resumed.stdout
+    assert f"at step {2 * stopped_at} " in resumed.stdout and "step 40/40" in resumed.stdout
+    plan = json.loads((model_dir / "plan.json").read_text())
+    assert plan["global_batch_size"] == 16 and plan["total_steps"] == 40

@@ -50,19 +50,36 @@ def learning_rate_schedule(plan: RunPlan) -> RunSchedule:
     return RunSchedule(plan)
 
 
+def rebatched(saved: RunPlan, fresh: RunPlan, allowed: list[str]) -> RunPlan:
+    """The saved plan, re-expressed in global batches of the fresh plan's size when the global
+    batch changed (another --batch_size, or --scale_batch on another replica count) and
+    --allow_change=batch_size accepts it: every step count is scaled by old / new batch, so
+    the epoch position and the schedule are counted in images. Else ResumeError."""
+    if fresh.global_batch_size == saved.global_batch_size:
+        return saved
+    if not {"batch_size", "scale_batch"} & set(allowed):
+        raise ResumeError(f"the global batch is {fresh.global_batch_size} ({fresh.num_replicas} "
+                          f"replica(s)) but the run used {saved.global_batch_size}: pass "
+                          f"--allow_change=batch_size to continue from the number of images "
+                          f"seen, or use the same global batch, or a new --model_dir")
+    factor = saved.global_batch_size / fresh.global_batch_size
+    return dataclasses.replace(
+        saved, num_replicas=fresh.num_replicas, global_batch_size=fresh.global_batch_size,
+        eval_global_batch_size=fresh.eval_global_batch_size, learning_rate=fresh.learning_rate,
+        steps_per_epoch=fresh.steps_per_epoch, total_steps=max(1, round(
+            saved.total_steps * factor)), warmup_steps=round(saved.warmup_steps * factor),
+        decay_from_step=round(saved.decay_from_step * factor),
+        decay_from_lr=saved.decay_from_lr * fresh.learning_rate / saved.learning_rate)
+
+
 def continue_plan(saved: RunPlan, fresh: RunPlan, step: int, accepted: list[str]
                   ) -> tuple[RunPlan, str | None]:
     """The plan a resumed run goes on with, and a line describing an accepted schedule change.
 
     The saved plan stays in force (only the replica count may differ) unless a schedule flag was
     accepted: then the fresh plan's length, warmup and peak apply, and if the length changed
-    past the warmup, the rate goes on from where it was and decays to 0 at the new end."""
-    if fresh.global_batch_size != saved.global_batch_size:
-        raise ResumeError(f"the global batch is {fresh.global_batch_size} ({fresh.num_replicas} "
-                          f"replica(s)) but the run used {saved.global_batch_size}: the data "
-                          f"position and schedule are counted in its batches; use the same "
-                          f"global batch (--batch_size without --scale_batch) or a new "
-                          f"--model_dir")
+    past the warmup, the rate goes on from where it was and decays to 0 at the new end.
+    `saved` and `step` are in batches of the fresh size (see `rebatched`)."""
     changed = [name for name in accepted if name in SCHEDULE_FLAGS]
     if not changed:
         return dataclasses.replace(saved, num_replicas=fresh.num_replicas), None

@@ -25,12 +25,14 @@ FIXED = {
     "model": "the checkpoint holds another architecture's weights",
     "image_size": "the model was built for that input size",
     "optimizer": "the checkpoint holds that optimizer's slot variables",
-    "batch_size": "the data position and schedule are counted in batches of the old size",
-    "scale_batch": "the data position and schedule are counted in batches of the old size",
 }
 
 # flag -> what accepting the change does (completed with numbers by `describe`).
 CHANGEABLE = {
+    "batch_size": "the step count, the epoch position and the schedule continue from the "
+                  "number of images seen",
+    "scale_batch": "the step count, the epoch position and the schedule continue from the "
+                   "number of images seen",
     "epochs": "the schedule is re-planned",
     "train_steps": "the schedule is re-planned",
     "base_lr": "the peak learning rate changes",

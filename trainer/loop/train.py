@@ -35,7 +35,7 @@ from trainer.config import Config, RunPlan, parse_profile_steps
 from trainer.loop import actions, distribute, finish, inputs, pretrained, resume
 from trainer.loop.controller import Controller, Preempted
 from trainer.loop.inputs import EXIT_PEER_LOST, Inputs, PeerLost, TrainingError
-from trainer.loop.optimization import continue_plan
+from trainer.loop.optimization import continue_plan, rebatched
 from trainer.loop.runner import StepRunner
 from trainer.report import figures, summaries
 from trainer.report.console import Reporter, log
@@ -63,23 +63,33 @@ def run(config: Config) -> dict:
     data = inputs.synthetic_inputs(config) if config.synthetic_data else \
         inputs.read_inputs(config, log)
     # --- 4. plan -------------------------------------------------------------------------------
-    plan = _plan(config, strategy, data, checkpoint, accepted)
+    plan, batch_factor = _plan(config, strategy, data, checkpoint, accepted)
     inputs.check_plan(config, plan)
+    start = Start(source_config, saved, accepted, batch_factor, donor, run_start)
     # Every worker saves (collective ops), but only the chief's files are kept.
     work_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="worker-")
     try:
         if chief:
             _write_run_files(source_config, plan, data, new_run=checkpoint is None)
-        return _train(config, plan, data, strategy, chief, work_dir, donor, run_start,
-                      source_config, saved, accepted)
+        return _train(config, plan, data, strategy, chief, work_dir, start)
     finally:
         if not chief:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What the set-up found out about this start, for the phases after it."""
+    source_config: Config  # as given (an s3:// --data_dir, not the synced copy)
+    saved: dict | None  # the run's current config before this start (None: a new run)
+    accepted: list[str]  # flags accepted as changed (--allow_change)
+    batch_factor: float  # old / new global batch after an accepted batch change, else 1
+    donor: object  # the --pretrained donor of a new run, or None
+    time: float
+
+
 def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, work_dir: str,
-           donor, run_start: float, source_config: Config, saved: dict | None,
-           accepted: list[str]) -> dict:
+           start: Start) -> dict:
     # --- 5-6. model, optimizer, counters; restore ------------------------------------------------
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
@@ -87,15 +97,17 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
     keras.mixed_precision.set_global_policy(
         {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
         [config.mixed_precision])
-    state = run_state.create(config, plan, data, strategy, chief, work_dir, donor, log)
+    state = run_state.create(config, plan, data, strategy, chief, work_dir, start.donor, log)
     restored = state.restore_latest()
+    if restored and start.batch_factor != 1:
+        _rebatch_counters(state, start.batch_factor)
     start_step = state.current_step
     if restored:
         log(f"resumed from {restored} at step {start_step} (epoch {plan.epoch_of(start_step) + 1}"
             f", batch {start_step % plan.steps_per_epoch} of the epoch)")
-        for name in accepted:
+        for name in start.accepted:
             if name not in resume.SCHEDULE_FLAGS:
-                log(resume.describe(name, saved, config))
+                log(resume.describe(name, start.saved, config))
     if start_step >= plan.total_steps:
         results = finish.finished_results(config.model_dir, start_step)
         if results is not None:
@@ -107,7 +119,7 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
             f"model file, export, results")
     runs = run_dir.RunsLog(config.model_dir) if chief else None
     if runs:
-        runs.start(dataclasses.asdict(source_config), start_step, summaries.git_commit())
+        runs.start(dataclasses.asdict(start.source_config), start_step, summaries.git_commit())
     if start_step == 0:
         _write_run_description(config, plan, data, state)
     controller = _controller(state)
@@ -115,7 +127,7 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
     try:
         # --- 7-8. the loop, then finishing -------------------------------------------------------
         controller.train()
-        results = finish.finish(controller, run_start)
+        results = finish.finish(controller, start.time)
         reason = "finished"
         return results
     except Preempted:
@@ -203,23 +215,39 @@ def _load_donor(config: Config):
 
 
 def _plan(config: Config, strategy, data: Inputs, checkpoint: str | None,
-          accepted: list[str]) -> RunPlan:
+          accepted: list[str]) -> tuple[RunPlan, float]:
+    """The plan, and old / new global batch (1 unless an accepted batch change)."""
     fresh = RunPlan.make(config, strategy.num_replicas_in_sync, data.num_train_images)
     plan_path = os.path.join(config.model_dir, run_dir.PLAN_FILE)
     if checkpoint is None or not os.path.exists(plan_path):
-        return fresh
+        return fresh, 1.0
     saved = RunPlan.from_dict(run_dir.read_json(plan_path))
+    factor = saved.global_batch_size / fresh.global_batch_size
+    step = round(run_dir.SavedRun.checkpoint_step(checkpoint) * factor)
     try:
-        plan, line = continue_plan(saved, fresh, run_dir.SavedRun.checkpoint_step(checkpoint),
-                                   accepted)
+        allowed = config.allow_change.split(",")
+        plan, line = continue_plan(rebatched(saved, fresh, allowed), fresh, step, accepted)
     except resume.ResumeError as e:
         raise TrainingError(str(e)) from None
     if line:
         log(line)
-    if fresh.steps_per_epoch != saved.steps_per_epoch:
+    if fresh.num_train_images != saved.num_train_images:
         log(f"warning: the training set now has {fresh.num_train_images} images (the run was "
             f"planned with {saved.num_train_images}): epochs have other batches than before")
-    return plan
+    return plan, factor
+
+
+def _rebatch_counters(state: RunState, factor: float) -> None:
+    """After an accepted global batch change: the restored step and skipped batches, counted
+    in batches of the old size, become the same number of images in batches of the new."""
+    old_step, old_skipped = state.current_step, int(state.skipped_batches.numpy())
+    state.step.assign(round(old_step * factor))
+    state.skipped_batches.assign(round(old_skipped * factor))
+    old_batch = round(state.plan.global_batch_size * factor)
+    log(f"global batch changed from {old_batch} to {state.plan.global_batch_size} "
+        f"(--allow_change): step {old_step} ({(old_step + old_skipped) * old_batch} images "
+        f"seen) continues as step {state.current_step}; the epoch position and the schedule "
+        f"are counted in images (the run ends at step {state.plan.total_steps})")
 
 
 def _write_run_files(config: Config, plan: RunPlan, data: Inputs, new_run: bool) -> None:
