@@ -26,6 +26,7 @@ class Config:
     on_bad_file: str
     # Model
     model: str
+    fused_batchnorm: bool
     list_models: bool
     # Fine-tuning
     pretrained: str  # "", "imagenet", a .keras/.weights.h5 file or a run's model_dir

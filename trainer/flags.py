@@ -38,6 +38,10 @@ flags.DEFINE_enum("on_bad_file", "skip", ["skip", "fail"], "Files the data check
 # --- model ----------------------------------------------------------------------------------
 flags.DEFINE_enum("model", "resnet50", registry.model_names(), "Model architecture "
                   "(--list_models describes them).")
+flags.DEFINE_boolean("fused_batchnorm", True, "BatchNormalization as one fused op "
+                     "(FusedBatchNormV3, as tf_keras had it; models/batchnorm.py): same variables "
+                     "and files as Keras' layer, 1.3-1.8x faster ResNet50 steps on CPU. "
+                     "--nofused_batchnorm builds Keras 3's stock (unfused) layers.")
 flags.DEFINE_boolean("list_models", False, "Print the model names with a one-line description "
                      "each and exit (no other flag needed).")
 # --- fine-tuning ----------------------------------------------------------------------------

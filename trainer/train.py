@@ -221,7 +221,8 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
         [config.mixed_precision])
     with strategy.scope():
-        model = registry.build(config.model, len(inputs.class_names), config.image_size)
+        model = registry.build(config.model, len(inputs.class_names), config.image_size,
+                               fused_batchnorm=config.fused_batchnorm)
         if donor is not None:
             report = transfer.copy_weights_by_name(donor.model, model, skip_head=donor.skip_head)
             if report.backbone_copied == 0:
