@@ -87,6 +87,10 @@ def swap_batchnorm(model: keras.Model) -> keras.Model:
         return layer.__class__.from_config(config)
 
     swapped = keras.models.clone_model(model, clone_function=clone)
-    # Same layers in the same order, each building the same variables: weights line up.
-    swapped.set_weights(model.get_weights())
+    # Layer by layer through each layer's own save/load, not set_weights: a Normalization layer
+    # (EfficientNet) recomputes its mean and variance from the loaded state only that way.
+    for source, target in zip(model.layers, swapped.layers):
+        store: dict = {}
+        source.save_own_variables(store)
+        target.load_own_variables(store)
     return swapped
