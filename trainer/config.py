@@ -114,6 +114,7 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    precision: str = ""  # --mixed_precision resolved for this hardware, and why
 
     @classmethod
     def make(cls, config: Config, num_replicas: int, num_train_images: int) -> "RunPlan":
@@ -126,8 +127,10 @@ class RunPlan:
             total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
         learning_rate = config.base_lr * (num_replicas if config.scale_lr else 1)
         warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 2)
+        from trainer.precision import resolve_precision  # (TensorFlow: loaded by now)
         return cls(num_replicas, global_batch, eval_batch, learning_rate, num_train_images,
-                   steps_per_epoch, total_steps, warmup)
+                   steps_per_epoch, total_steps, warmup,
+                   resolve_precision(config.mixed_precision).describe())
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch

@@ -15,7 +15,7 @@ from models import registry
 from trainer.config import Config, parse_profile_steps, parse_randaugment
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
-PRECISIONS = ("none", "bfloat16", "float16")
+PRECISIONS = ("none", "bfloat16", "float16", "auto")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 # --- data -----------------------------------------------------------------------------------
@@ -117,7 +117,10 @@ flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into N logical device
                      "`mirrored` runs N replicas on a machine without GPUs (0: no split).",
                      lower_bound=0)
 flags.DEFINE_enum("mixed_precision", "none", PRECISIONS, "Compute dtype; float16 uses dynamic "
-                  "loss scaling.")
+                  "loss scaling. auto: bfloat16 where the hardware runs it natively (CPUs with "
+                  "AVX512_BF16 or AMX, GPUs of compute capability 8.0+), float16 on older GPUs, "
+                  "float32 otherwise (trainer/precision.py); the choice and the reason are "
+                  "printed and kept in plan.json.")
 flags.DEFINE_boolean("xla", False, "Compile the replica step with XLA (jit_compile).")
 flags.DEFINE_integer("seed", 0, "Seed for weights, data order and augmentation.",
                      lower_bound=0, upper_bound=2**32 - 1)

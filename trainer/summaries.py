@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from trainer import precision  # noqa: E402
+
 
 class Summaries:
     """`train` and `eval` writers under model_dir (or no-op writers on non-chief workers)."""
@@ -109,7 +111,9 @@ def environment(strategy) -> dict[str, object]:
             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
             "workers": workers,
             "devices": ", ".join(d.name for d in tf.config.list_logical_devices()),
-            "git_commit": git_commit()}
+            "git_commit": git_commit(),
+            "precision": keras.mixed_precision.global_policy().name,
+            "precision_hardware": precision.detect_hardware().describe()}
     for i, gpu in enumerate(tf.config.list_physical_devices("GPU")):
         rows[f"gpu{i}"] = tf.config.experimental.get_device_details(gpu).get("device_name", "?")
     return rows

@@ -26,8 +26,8 @@ import tensorflow as tf
 
 from data import check, layout, pipeline
 from models import registry, transfer
-from trainer import (checkpoints, distribute, evaluation, performance, pretrained, serving,
-                     summaries)
+from trainer import (checkpoints, distribute, evaluation, performance, precision, pretrained,
+                     serving, summaries)
 from trainer.config import Config, RunPlan, parse_profile_steps, parse_randaugment
 from trainer.ema import WeightAverage
 from trainer.optimization import learning_rate_of_step, make_optimizer
@@ -217,9 +217,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(
-        {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-        [config.mixed_precision])
+    config = precision.apply_global_policy(config, _log)  # --mixed_precision=auto resolved
     with strategy.scope():
         model = registry.build(config.model, len(inputs.class_names), config.image_size,
                                fused_batchnorm=config.fused_batchnorm)
