@@ -214,3 +214,33 @@ def test_keras_file_with_fused_layers_loads_in_a_fresh_process(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
+
+# ---------------------------------------------------------------------------------------------
+# --xla under several replicas (trainer/step.py compiles the forward/backward pass only)
+# ---------------------------------------------------------------------------------------------
+def _losses_and_weights(strategy, xla: bool):
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (16, 16, 16, 3)).astype(np.float32)
+    batch = (images, (np.arange(16) % 3).astype(np.int32), np.ones(16, np.float32))
+    with strategy.scope():
+        model = registry.build("small_resnet", 3, 16)
+        optimizer = keras.optimizers.Adam(learning_rate=1e-3)
+        optimizer.build(model.trainable_variables)
+    steps = _step_functions(strategy, model, optimizer, 8, xla=xla)
+    losses, _ = steps.train_loop(_per_replica_batches(strategy, batch, 4), tf.constant(2))
+    steps.eval_metrics.reset()
+    steps.eval_loop(strategy.distribute_datasets_from_function(
+        lambda context: tf.data.Dataset.from_tensor_slices(batch).batch(4)))
+    return losses.numpy(), model.get_weights(), steps.eval_metrics.results()
+
+
+def test_xla_on_two_replicas_gives_the_losses_and_weights_of_the_plain_step(two_replicas):
+    plain_losses, plain_weights, plain_eval = _losses_and_weights(two_replicas, xla=False)
+    xla_losses, xla_weights, xla_eval = _losses_and_weights(two_replicas, xla=True)
+    np.testing.assert_allclose(xla_losses, plain_losses, rtol=1e-4)
+    for got, want in zip(xla_weights, plain_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    assert xla_eval["images"] == plain_eval["images"] == 16
+    np.testing.assert_allclose(xla_eval["loss"], plain_eval["loss"], rtol=1e-4)
