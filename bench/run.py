@@ -8,19 +8,30 @@ scikit-learn's sample photographs by data/photos.py), the same model, image size
 and replica count, and reports steady-state images/sec (the first `--warmup_steps` excluded and
 their time reported apart):
 
-  a  trainer               python -m trainer.main on the JPEG folders
+  a  trainer               python -m trainer.main on the JPEG folders (fused BatchNorm,
+                           --mixed_precision as given here: none by default)
+  a2 trainer, auto         the same with --mixed_precision=auto (bfloat16 where the hardware
+                           runs it natively)
+  a3 trainer, stock BN     the same as a with --nofused_batchnorm (Keras 3's own layer)
+  a4 trainer, --xla        the same as a with --xla (forward and backward compiled by XLA)
   b  reference fit         image_dataset_from_directory(...).prefetch(2).cache().shuffle(1000),
                            the model compiled under MirroredStrategy, model.fit with Keras
                            defaults (for resnet50, keras.applications.ResNet50 as the reference
-                           builds it)
+                           builds it; other models with Keras' stock BatchNorm)
   c  tuned fit             model.fit with jit_compile=False on this project's tf.data pipeline
+                           (the registry's model with Keras' stock BatchNorm)
   d  trainer, synthetic    the trainer on in-memory random images: this model's compute ceiling
+  d2 trainer, synth., auto the same with --mixed_precision=auto
+  g  tf_keras ResNet50     tf_keras.applications.ResNet50 (FusedBatchNormV3, as Keras 2 had it)
+                           on the same step (strategy.run of a GradientTape step, Adam, steps in
+                           one tf.function) on random images; float32, and g2 in the auto
+                           precision. Needs the `tf-keras` package (the `bench` extra); the row
+                           says so and is skipped without it
   e  input pipeline        decoded, augmented, batched images/sec, no model
   f  matmul                a 4096^3 matmul in float32 and bfloat16: the hardware's ceiling
 
 MFU = training FLOPs per image (3x the forward FLOPs that TensorFlow's profiler counts on the
-model graph) x images/sec / the float32 matmul ceiling (row f), or the bfloat16 one for
---mixed_precision=bfloat16.
+model graph) x images/sec / the matmul ceiling (row f) in the row's compute dtype.
 """
 from __future__ import annotations
 
@@ -34,7 +45,19 @@ import time
 
 from bench import OneLineErrorParser, TrainerFailed, run_trainer
 
-ROWS = ("trainer", "reference_fit", "tuned_fit", "synthetic", "input", "matmul")
+ROWS = ("trainer", "trainer_auto", "trainer_stock", "trainer_xla", "reference_fit", "tuned_fit", "synthetic",
+        "synthetic_auto", "tf_keras", "tf_keras_auto", "input", "matmul")
+DEFAULT_ROWS = ("trainer", "trainer_auto", "reference_fit", "tuned_fit", "synthetic",
+                "tf_keras", "tf_keras_auto", "input", "matmul")
+# Trainer rows: (synthetic data, --mixed_precision (None: the bench's), --fused_batchnorm,
+# --xla).
+TRAINER_ROWS = {"trainer": (False, None, True, False),
+                "trainer_auto": (False, "auto", True, False),
+                "trainer_stock": (False, None, False, False),
+                "trainer_xla": (False, None, True, True),
+                "synthetic": (True, None, True, False),
+                "synthetic_auto": (True, "auto", True, False)}
+TF_KERAS_MISSING = "tf_keras is not installed (pip install 'tf-keras==2.21.*', the bench extra)"
 
 
 # ============================================================================================
@@ -88,7 +111,8 @@ def worker_reference_fit(args) -> dict:
                                                 input_shape=(args.image_size, args.image_size, 3))
         else:  # the same model as every other row
             from models import registry
-            model = registry.build(args.model, num_classes, args.image_size)
+            model = registry.build(args.model, num_classes, args.image_size,
+                                   fused_batchnorm=False)
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     timer = _batch_timer()
@@ -109,14 +133,71 @@ def worker_tuned_fit(args) -> dict:
     dataset = pipeline.train_dataset(split.files, split.labels, image_size=args.image_size,
                                      global_batch_size=args.batch_size, seed=0, start_step=0,
                                      total_steps=steps)
-    with strategy.scope():
-        model = registry.build(args.model, len(names), args.image_size)
+    with strategy.scope():  # Keras' stock BatchNorm, as a Keras user has it
+        model = registry.build(args.model, len(names), args.image_size, fused_batchnorm=False)
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       jit_compile=False)
     timer = _batch_timer()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
     return _fit_result(timer, args.batch_size, args.warmup_steps)
+
+
+def worker_tf_keras(args, precision: str = "none") -> dict:
+    """tf_keras' ResNet50 (FusedBatchNormV3 inside) on the trainer's kind of step, on random
+    images: strategy.run of a GradientTape step with Adam, the steps in one tf.function."""
+    if args.model != "resnet50":
+        return {"skipped": "the tf_keras anchor is ResNet50 only"}
+    try:
+        import tf_keras
+    except ImportError:
+        return {"skipped": TF_KERAS_MISSING}
+    strategy = _setup(args.replicas)
+    import numpy as np
+    import tensorflow as tf
+    from trainer.loop.precision import resolve_precision
+    chosen = resolve_precision(precision)
+    if chosen.dtype == "float16":
+        return {"skipped": "float16 (loss scaling) is not part of this anchor row"}
+    tf_keras.mixed_precision.set_global_policy(chosen.policy)
+    size, per_replica = args.image_size, args.batch_size // args.replicas
+    with strategy.scope():
+        inputs = tf_keras.Input((size, size, 3))
+        base = tf_keras.applications.ResNet50(include_top=False, weights=None, pooling="avg",
+                                              input_shape=(size, size, 3))
+        logits = tf_keras.layers.Dense(8, dtype="float32")(base(inputs))
+        model = tf_keras.Model(inputs, logits)
+        optimizer = tf_keras.optimizers.Adam(learning_rate=1e-3)
+    rng = np.random.default_rng(0)
+    batch = (rng.uniform(0, 255, (per_replica, size, size, 3)).astype(np.float32),
+             rng.integers(0, 8, per_replica).astype(np.int32))
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda context: tf.data.Dataset.from_tensors(batch).repeat()))
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels, tf.cast(model(images, training=True), tf.float32))
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=args.batch_size)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def loop(num_steps):
+        total = tf.constant(0.0)
+        for _ in tf.range(num_steps):
+            total += strategy.reduce("SUM", strategy.run(replica_step, args=next(iterator)),
+                                     axis=None)
+        return total
+
+    start = time.perf_counter()
+    loop(tf.constant(args.warmup_steps)).numpy()
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    loop(tf.constant(args.steps)).numpy()
+    return {"images_per_second": args.steps * args.batch_size / (time.perf_counter() - start),
+            "warmup_seconds": warmup, "compute_dtype": chosen.dtype}
 
 
 def worker_input(args) -> dict:
@@ -157,6 +238,8 @@ def worker_flops(args) -> dict:
 
 
 WORKERS = {"reference_fit": worker_reference_fit, "tuned_fit": worker_tuned_fit,
+           "tf_keras": worker_tf_keras,
+           "tf_keras_auto": lambda args: worker_tf_keras(args, "auto"),
            "input": worker_input, "matmul": worker_matmul, "flops": worker_flops}
 
 
@@ -179,22 +262,28 @@ def _common_flags(args) -> list[str]:
             f"--matmul_size={args.matmul_size}"]
 
 
-def _run_trainer(args, synthetic: bool, model_dir: str) -> dict:
+def _run_trainer(args, row: str, model_dir: str) -> dict:
+    synthetic, precision, fused, xla = TRAINER_ROWS[row]
     flags = [f"--data_dir={args.data_dir}", f"--model={args.model}",
              f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
              f"--train_steps={args.warmup_steps + args.steps}",
              f"--steps_per_loop={args.warmup_steps}", "--distribution_strategy=mirrored",
              f"--cpu_devices={args.replicas if args.replicas > 1 else 0}",
-             f"--mixed_precision={args.mixed_precision}", "--checkpoint_every_steps=100000",
-             "--eval_every_steps=100000", "--noexport_at_end"]
+             f"--mixed_precision={precision or args.mixed_precision}",
+             "--fused_batchnorm" if fused else "--nofused_batchnorm",
+             "--xla" if xla else "--noxla",
+             "--checkpoint_every_steps=100000", "--eval_every_steps=100000", "--noexport_at_end"]
     if synthetic:
         flags.append("--synthetic_data")
     try:
         results, _ = run_trainer(model_dir, flags)
     except TrainerFailed as e:
         raise RuntimeError(f"trainer failed:\n{e.output[-3000:]}") from None
+    with open(os.path.join(model_dir, "plan.json")) as f:
+        compute_dtype = json.load(f)["precision"].split()[0]  # "bfloat16 (policy ...; why)"
     return {"images_per_second": results["images_per_second"],
             "warmup_seconds": results["first_loop_seconds"],
+            "compute_dtype": compute_dtype,
             "input_wait_share": results.get("input_wait_share"),
             "checkpoint_and_summary_share": results.get("checkpoint_and_summary_share")}
 
@@ -209,38 +298,47 @@ def measure(args) -> dict:
                          num_classes=8, per_class=args.images_per_class)
         for row in args.rows:
             print(f"bench: running {row} ...", file=sys.stderr, flush=True)
-            if row == "trainer":
-                rows[row] = _run_trainer(args, False, os.path.join(work, "trainer"))
-            elif row == "synthetic":
-                rows[row] = _run_trainer(args, True, os.path.join(work, "synthetic"))
+            if row in TRAINER_ROWS:
+                rows[row] = _run_trainer(args, row, os.path.join(work, row))
             else:
                 rows[row] = _run_worker(row, args)
         flops = _run_worker("flops", args)["train_flops_per_image"]
     return {"rows": rows, "train_flops_per_image": flops, "config": vars(args)}
 
 
-def table(measured: dict, mixed_precision: str = "none") -> str:
+LABELS = {"trainer": "a  trainer", "trainer_auto": "a2 trainer, auto precision",
+          "trainer_stock": "a3 trainer, stock Keras BN", "trainer_xla": "a4 trainer, --xla",
+          "reference_fit": "b  reference fit",
+          "tuned_fit": "c  tuned fit", "synthetic": "d  trainer, synthetic data",
+          "synthetic_auto": "d2 trainer, synthetic, auto precision",
+          "tf_keras": "g  tf_keras ResNet50, same step", "tf_keras_auto":
+          "g2 tf_keras ResNet50, same step, auto precision", "input": "e  input pipeline alone"}
+
+
+def table(measured: dict) -> str:
+    """The rows as a Markdown table; MFU against row f's ceiling in each row's compute dtype."""
     rows, flops = measured["rows"], measured["train_flops_per_image"]
     matmul = rows.get("matmul", {})
-    ceiling = matmul.get("bfloat16" if mixed_precision == "bfloat16" else "float32")
     trainer = rows.get("trainer", {}).get("images_per_second")
-    labels = {"trainer": "a  trainer", "reference_fit": "b  reference fit",
-              "tuned_fit": "c  tuned fit", "synthetic": "d  trainer, synthetic data",
-              "input": "e  input pipeline alone"}
-    lines = ["| row | images/sec | x trainer | MFU | warm-up s |", "|---|---:|---:|---:|---:|"]
-    for key, label in labels.items():
+    lines = ["| row | images/sec | x trainer | dtype | MFU | warm-up s |",
+             "|---|---:|---:|---|---:|---:|"]
+    for key, label in LABELS.items():
         if key not in rows:
             continue
-        rate = rows[key]["images_per_second"]
+        if "skipped" in rows[key]:
+            lines.append(f"| {label} | skipped: {rows[key]['skipped']} | | | | |")
+            continue
+        rate, dtype = rows[key]["images_per_second"], rows[key].get("compute_dtype", "float32")
+        ceiling = matmul.get(dtype)
         ratio = f"{rate / trainer:.2f}" if trainer else "-"
         mfu = f"{rate * flops / ceiling:.1%}" if ceiling and key != "input" else "-"
-        lines.append(f"| {label} | {rate:.1f} | {ratio} | {mfu} | "
-                     f"{rows[key].get('warmup_seconds', 0):.1f} |")
+        lines.append(f"| {label} | {rate:.1f} | {ratio} | {dtype if key != 'input' else '-'} "
+                     f"| {mfu} | {rows[key].get('warmup_seconds', 0):.1f} |")
     if matmul:
         size = measured["config"]["matmul_size"]
         for dtype in ("float32", "bfloat16"):
             lines.append(f"| f  matmul {size}^3 {dtype} | {matmul[dtype] / 1e9:.0f} GFLOP/s "
-                         f"| | | |")
+                         f"| | | | |")
     lines.append(f"\nTraining FLOPs per image: {flops / 1e9:.2f} GFLOP (3 x forward, TensorFlow "
                  "profiler).")
     if "trainer" in rows and rows["trainer"].get("input_wait_share") is not None:
@@ -262,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup_steps", type=int, default=5)
     parser.add_argument("--images_per_class", type=int, default=64)
     parser.add_argument("--matmul_size", type=int, default=4096, help="row f: N for N^3")
-    parser.add_argument("--mixed_precision", default="none", choices=("none", "bfloat16"))
-    parser.add_argument("--rows", default=",".join(ROWS),
+    parser.add_argument("--mixed_precision", default="none",
+                        choices=("none", "bfloat16", "float16", "auto"),
+                        help="rows a, a3, d (a2, d2 and g2 use auto)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                         help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--json", default="", help="also write the measurements here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -285,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(measured, f, indent=2)
-    print(table(measured, args.mixed_precision))
+    print(table(measured))
     return 0
 
 

@@ -14,7 +14,7 @@ import importlib
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    builder: str  # "module:function" taking (num_classes, image_size, weights=None)
+    builder: str  # "module:function" taking (num_classes, image_size, weights, fused_batchnorm)
     description: str  # one line for --list_models
     min_image_size: int = 8
     imagenet: bool = False  # keras.applications publishes ImageNet weights (--pretrained=imagenet)
@@ -69,10 +69,12 @@ def describe() -> str:
     return "\n".join(f"{name:<{width}}  {MODELS[name].description}" for name in model_names())
 
 
-def build(name: str, num_classes: int, image_size: int, weights: str | None = None):
+def build(name: str, num_classes: int, image_size: int, weights: str | None = None,
+          fused_batchnorm: bool = True):
     """A new keras.Model `name` for `num_classes` classes at `image_size`^2 pixels; `weights`
     None (random) or "imagenet" (keras.applications' backbone weights, downloaded once into
-    ~/.keras/models; the head stays random)."""
+    ~/.keras/models; the head stays random). `fused_batchnorm`: BatchNormalization layers are
+    models/batchnorm.py's fused layer (same variables); False builds Keras' stock layers."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
     if weights not in (None, "imagenet"):
@@ -81,4 +83,4 @@ def build(name: str, num_classes: int, image_size: int, weights: str | None = No
         raise ValueError(f"model {name!r} has no ImageNet weights")
     module, function = MODELS[name].builder.split(":")
     builder = getattr(importlib.import_module(module), function)
-    return builder(num_classes, image_size, weights=weights)
+    return builder(num_classes, image_size, weights=weights, fused_batchnorm=fused_batchnorm)

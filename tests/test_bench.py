@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+from trainer.loop.precision import resolve_precision
 
 
 def test_bench_runs_every_row_and_prints_the_table(tmp_path):
@@ -17,13 +18,19 @@ def test_bench_runs_every_row_and_prints_the_table(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(out.read_text())
-    assert set(measured["rows"]) == {"trainer", "reference_fit", "tuned_fit", "synthetic",
-                                     "input", "matmul"}
+    assert set(measured["rows"]) == {"trainer", "trainer_auto", "reference_fit", "tuned_fit",
+                                     "synthetic", "tf_keras", "tf_keras_auto", "input", "matmul"}
     for row in measured["rows"].values():
         assert all(value is None or value == value for value in row.values())  # no NaN
     assert measured["train_flops_per_image"] > 1e6
-    for label in ("a  trainer", "b  reference fit", "c  tuned fit", "d  trainer, synthetic",
-                  "e  input pipeline alone", "f  matmul 256^3 float32", "MFU"):
+    rows = measured["rows"]
+    assert rows["trainer"]["compute_dtype"] == "float32"
+    assert rows["trainer_auto"]["compute_dtype"] == resolve_precision("auto").dtype
+    assert rows["tf_keras"] == {"skipped": "the tf_keras anchor is ResNet50 only"}
+    for label in ("a  trainer", "a2 trainer, auto precision", "b  reference fit",
+                  "c  tuned fit", "d  trainer, synthetic", "e  input pipeline alone",
+                  "f  matmul 256^3 float32", "g  tf_keras ResNet50, same step | skipped: ",
+                  "MFU"):
         assert label in result.stdout, result.stdout
 
 

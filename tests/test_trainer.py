@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from data import layout, pipeline
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from trainer.loop.precision import detect_hardware, resolve_precision
 from trainer.loop.step import Metrics, StepFunctions
 
 
@@ -103,8 +104,10 @@ def test_37_images_over_two_replicas_are_evaluated_exactly_once(demo_dir, two_re
 @pytest.fixture(scope="module")
 def demo_run(demo_dir, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("runs") / "demo"
+    # --mixed_precision=auto as the configs use it: bfloat16 on CPUs with AVX512_BF16 or AMX.
     result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
-                         "--epochs=2", "--distribution_strategy=mirrored", "--cpu_devices=2")
+                         "--epochs=2", "--distribution_strategy=mirrored", "--cpu_devices=2",
+                         "--mixed_precision=auto")
     return model_dir, result
 
 
@@ -122,6 +125,10 @@ def test_demo_run_learns_and_writes_results(demo_run):
     assert result.stdout.strip().splitlines()[-1].endswith("results.json")
     assert (model_dir / "model.keras").exists()
     assert json.loads((model_dir / "classes.json").read_text())[:2] == ["eight", "five"]
+    chosen = resolve_precision("auto")  # what auto picks on this machine, and why
+    assert f"mixed precision: {chosen.describe()}" in result.stdout.splitlines()
+    assert json.loads((model_dir / "plan.json").read_text())["precision"] == chosen.describe()
+    assert json.loads((model_dir / "config.json").read_text())["mixed_precision"] == "auto"
 
 
 def test_event_files_hold_scalars_images_and_config(demo_run):
@@ -139,6 +146,11 @@ def test_event_files_hold_scalars_images_and_config(demo_run):
     assert tf.io.decode_png(png).shape[0] > 200  # a 3x3 grid of titled images
     config_text = tf.make_ndarray(train.Tensors("config")[0].tensor_proto)
     assert b"small_resnet" in config_text.item()
+    chosen = resolve_precision("auto")  # the config text says what auto chose and why
+    assert chosen.describe().encode() in config_text.item()
+    environment = tf.make_ndarray(train.Tensors("environment")[0].tensor_proto).item()
+    assert chosen.policy.encode() in environment
+    assert detect_hardware().describe().encode() in environment
     evals = event_accumulator.EventAccumulator(
         str(model_dir / "eval"), size_guidance={event_accumulator.TENSORS: 0})
     evals.Reload()

@@ -27,6 +27,7 @@ class Config:
     on_bad_file: str = 'skip'
     # Model
     model: str = 'resnet50'
+    fused_batchnorm: bool = True
     list_models: bool = False
     # Fine-tuning
     pretrained: str = ''  # "", "imagenet", a .keras/.weights.h5 file or a run's model_dir
@@ -125,6 +126,7 @@ class RunPlan:
     # instead of jumping to where the longer cosine would be (see optimization.py).
     decay_from_step: int = 0
     decay_from_lr: float = 0.0
+    precision: str = ""  # --mixed_precision resolved for this hardware, and why
 
     @classmethod
     def make(cls, config: Config, num_replicas: int, num_train_images: int) -> "RunPlan":
@@ -137,8 +139,10 @@ class RunPlan:
             total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
         learning_rate = config.base_lr * (num_replicas if config.scale_lr else 1)
         warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 2)
+        from trainer.loop.precision import resolve_precision  # (TensorFlow: loaded by now)
         return cls(num_replicas, global_batch, eval_batch, learning_rate, num_train_images,
-                   steps_per_epoch, total_steps, warmup)
+                   steps_per_epoch, total_steps, warmup,
+                   precision=resolve_precision(config.mixed_precision).describe())
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunPlan":

@@ -92,6 +92,7 @@ def _from_run(model_dir: str) -> Donor:
 
 
 def _from_keras_file(path: str) -> Donor:
+    import models.batchnorm  # noqa: F401  (registers FusedBatchNormalization for load_model)
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:

@@ -114,9 +114,21 @@ class StepFunctions:
 
     def retrace(self) -> None:
         """New tf.functions: call after changing which layers are trainable (the steps read
-        `model.trainable_variables` and BatchNorm's mode when they are traced)."""
-        self._replica_train = tf.function(self._replica_train_step, jit_compile=self._xla or None)
-        self._replica_eval = tf.function(self._replica_eval_step, jit_compile=self._xla or None)
+        `model.trainable_variables` and BatchNorm's mode when they are traced).
+
+        With `xla`, what XLA can take is compiled: the forward pass, the loss and the backward
+        pass (`_forward_backward`), and the evaluation forward pass. The cross-replica parts
+        stay outside: `apply_gradients` (its all-reduce and the mirrored variables' updates),
+        the overflow and clipping all-reduces and the metrics. Compiling the whole replica step
+        fails under MirroredStrategy with several devices ("Trying to access resource
+        .../replica_1 located in device CPU:1 from device CPU:0"): XLA launches the cluster on
+        one device while apply_gradients touches every replica's copy."""
+        self._replica_train = tf.function(self._replica_train_step)
+        self._replica_eval = tf.function(self._replica_eval_step)
+        self._forward_backward_compiled = tf.function(self._forward_backward, jit_compile=True) \
+            if self._xla else self._forward_backward
+        self._predict = tf.function(self._predict_logits, jit_compile=True) \
+            if self._xla else self._predict_logits
         self.train_loop = tf.function(self._train_loop)
         self._eval_loop_function = tf.function(self._eval_loop)
 
@@ -132,8 +144,8 @@ class StepFunctions:
         if self.grad_accum_steps > 1:
             gradients, loss_sum = self._accumulated_gradients(images, labels, weights, poison)
         else:
-            logits, per_example, gradients = self._forward_backward(
-                images, labels, weights, model.trainable_variables, poison=poison)
+            logits, per_example, gradients = self._forward_backward_compiled(
+                images, labels, weights, poison=poison)
         if self._loss_scaled:
             gradients = self._poison_if_any_replica_overflowed(gradients)
         if self.clip_grad_norm > 0 or self.gradient_norm is not None:
@@ -151,10 +163,11 @@ class StepFunctions:
             loss_sum = tf.reduce_sum(per_example)
         return loss_sum
 
-    def _forward_backward(self, images, labels, weights, variables, *, micro_batches: int = 1,
+    def _forward_backward(self, images, labels, weights, *, micro_batches: int = 1,
                           unconnected=tf.UnconnectedGradients.NONE, poison=None):
-        """Logits, weighted per-example losses, and the gradients of this batch's part of the
-        global mean loss (divided by the *global* batch), plus 1/micro_batches of the
+        """Logits, weighted per-example losses, and the gradients (with respect to
+        `model.trainable_variables`, read here so that XLA can compile this function) of this
+        batch's part of the global mean loss (divided by the *global* batch), plus 1/micro_batches of the
         regularization losses (so that k micro-batches count them once); loss-scaled gradients
         with float16."""
         model = self.model
@@ -168,8 +181,12 @@ class StepFunctions:
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses)) / micro_batches
             tape_loss = self.optimizer.scale_loss(loss) if self._loss_scaled else loss
-        gradients = tape.gradient(tape_loss, variables, unconnected_gradients=unconnected)
+        gradients = tape.gradient(tape_loss, model.trainable_variables,
+                                  unconnected_gradients=unconnected)
         return logits, per_example, gradients
+
+    def _predict_logits(self, images):
+        return self.model(images, training=False)
 
     def _accumulated_gradients(self, images, labels, weights, poison=None):
         """The summed gradients of `grad_accum_steps` micro-batches of this replica's batch, and
@@ -183,8 +200,8 @@ class StepFunctions:
         for i in tf.range(k):
             part = tf.range(i * micro, (i + 1) * micro)
             x, y, w = tf.gather(images, part), tf.gather(labels, part), tf.gather(weights, part)
-            logits, per_example, gradients = self._forward_backward(
-                x, y, w, variables, micro_batches=k,
+            logits, per_example, gradients = self._forward_backward_compiled(
+                x, y, w, micro_batches=k,
                 unconnected=tf.UnconnectedGradients.ZERO, poison=poison)
             total = [t + tf.cast(g, t.dtype) for t, g in zip(total, gradients)]
             self.train_metrics.update(y, logits, per_example, w)
@@ -225,7 +242,7 @@ class StepFunctions:
 
     def _replica_eval_step(self, images, labels, weights):
         # The plain cross-entropy (no label smoothing): the validation loss of the predictions.
-        logits = self.model(images, training=False)
+        logits = self._predict(images)
         per_example = cross_entropy(labels, logits)
         self.eval_metrics.update(labels, logits, per_example, weights)
 

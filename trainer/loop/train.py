@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_profile_steps
-from trainer.loop import actions, distribute, finish, inputs, pretrained, resume
+from trainer.loop import actions, distribute, finish, inputs, precision, pretrained, resume
 from trainer.loop.controller import Controller, Preempted
 from trainer.loop.inputs import EXIT_PEER_LOST, Inputs, PeerLost, TrainingError
 from trainer.loop.optimization import continue_plan, rebatched
@@ -94,9 +94,7 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(
-        {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-        [config.mixed_precision])
+    config = precision.apply_global_policy(config, log)  # --mixed_precision=auto resolved
     state = run_state.create(config, plan, data, strategy, chief, work_dir, start.donor, log)
     restored = state.restore_latest()
     if restored and start.batch_factor != 1:
@@ -231,6 +229,14 @@ def _plan(config: Config, strategy, data: Inputs, checkpoint: str | None,
         raise TrainingError(str(e)) from None
     if line:
         log(line)
+    if saved.precision and saved.precision.startswith("float16") != \
+            fresh.precision.startswith("float16"):  # e.g. --mixed_precision=auto elsewhere
+        raise TrainingError(f"--mixed_precision={config.mixed_precision} means "
+                            f"{fresh.precision.split(' (')[0]} here, but the run trained in "
+                            f"{saved.precision.split(' (')[0]}: float16's loss-scale state is in "
+                            f"the checkpoint or not; pass another --mixed_precision, or use a new "
+                            f"--model_dir")
+    plan = dataclasses.replace(plan, precision=fresh.precision)
     if fresh.num_train_images != saved.num_train_images:
         log(f"warning: the training set now has {fresh.num_train_images} images (the run was "
             f"planned with {saved.num_train_images}): epochs have other batches than before")

@@ -8,6 +8,8 @@ import tensorflow as tf
 
 from trainer.loop import distribute
 
+from trainer.loop import precision  # noqa: E402
+
 
 class Summaries:
     """`train` and `eval` writers under model_dir (or no-op writers on non-chief workers)."""
@@ -83,7 +85,9 @@ def environment(strategy) -> dict[str, object]:
             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
             "workers": distribute.num_workers(strategy),
             "devices": ", ".join(d.name for d in tf.config.list_logical_devices()),
-            "git_commit": git_commit()}
+            "git_commit": git_commit(),
+            "precision": keras.mixed_precision.global_policy().name,
+            "precision_hardware": precision.detect_hardware().describe()}
     for i, gpu in enumerate(tf.config.list_physical_devices("GPU")):
         rows[f"gpu{i}"] = tf.config.experimental.get_device_details(gpu).get("device_name", "?")
     return rows

@@ -81,7 +81,8 @@ class RunState:
 
 def build_model(config: Config, num_classes: int, donor, log) -> keras.Model:
     """The registry's model (in the strategy scope), with the donor's weights copied by name."""
-    model = registry.build(config.model, num_classes, config.image_size)
+    model = registry.build(config.model, num_classes, config.image_size,
+                           fused_batchnorm=config.fused_batchnorm)
     if donor is not None:
         report = transfer.copy_weights_by_name(donor.model, model, skip_head=donor.skip_head)
         if report.backbone_copied == 0:
