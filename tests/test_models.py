@@ -181,7 +181,7 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update_on_two_replicas(
         plan = RunPlan.make(config, 2, 1000)
         with two_replicas.scope():
             model = _bn_free_model(5)
-            optimizer = make_optimizer(config, plan, model)
+            optimizer = make_optimizer(config, plan, model, tf.Variable(0, dtype=tf.int64))
         before = model.get_weights()
         steps = _step_functions(two_replicas, model, optimizer, 16)
         steps.train_loop(_per_replica_batches(two_replicas, (images, labels, weights), 8),
@@ -206,7 +206,8 @@ def test_weight_decay_shrinks_kernels_and_leaves_biases_and_normalisation_alone(
         f"--data_dir={tiny_dir}", "--model_dir=/tmp/unused", f"--optimizer={optimizer_name}",
         "--weight_decay=0.1", "--warmup_epochs=0", "--base_lr=0.5"])
     model = registry.build("small_resnet", 3, 16)
-    optimizer = make_optimizer(config, RunPlan.make(config, 1, 100), model)
+    optimizer = make_optimizer(config, RunPlan.make(config, 1, 100), model,
+                               tf.Variable(0, dtype=tf.int64))
     variables = model.trainable_variables
     before = [np.array(v) for v in variables]
     shrink = 1 - 0.1 * float(optimizer.learning_rate)
