@@ -101,12 +101,12 @@ def worker_tuned_fit(args) -> dict:
     """What a careful Keras user would do: jit off, parallel decode, uint8 cache, prefetch."""
     strategy = _setup(args.replicas)
     import keras
-    from data import layout, pipeline
+    from data import datasets, layout
     from models import registry
     names = layout.train_class_names(args.data_dir)
     split = layout.scan_split(args.data_dir, "train", names)
     steps = args.warmup_steps + args.steps
-    dataset = pipeline.train_dataset(split.files, split.labels, image_size=args.image_size,
+    dataset = datasets.train_dataset(split.files, split.labels, image_size=args.image_size,
                                      global_batch_size=args.batch_size, seed=0, start_step=0,
                                      total_steps=steps)
     with strategy.scope():
@@ -121,11 +121,11 @@ def worker_tuned_fit(args) -> dict:
 
 def worker_input(args) -> dict:
     _setup(1)
-    from data import layout, pipeline
+    from data import datasets, layout
     names = layout.train_class_names(args.data_dir)
     split = layout.scan_split(args.data_dir, "train", names)
     steps = args.warmup_steps + args.steps * 4
-    dataset = pipeline.train_dataset(split.files, split.labels, image_size=args.image_size,
+    dataset = datasets.train_dataset(split.files, split.labels, image_size=args.image_size,
                                      global_batch_size=args.batch_size, seed=0, start_step=0,
                                      total_steps=steps)
     iterator = iter(dataset)

@@ -7,7 +7,7 @@ Reusable by the trainer and the `trainer.evaluate` tool:
     report = make_report(predictions, class_names, split="test", step=N)
     paths = write_report(report, predictions, output_dir, writer=tf.summary writer or None)
 
-The images come from data.pipeline.eval_dataset (every image once; weight-0 padding dropped), so
+The images come from data.datasets.eval_dataset (every image once; weight-0 padding dropped), so
 the pixels are exactly those of the trainer's evaluation and of the exported model.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from data import pipeline
+from data import datasets
 from trainer import checkpoints, summaries
 
 TOP_K = 5
@@ -52,7 +52,7 @@ def predict_split(model, files, labels, *, image_size: int, batch_size: int,
     """Runs `model` (inference mode) once over every file; keeps up to `gallery_size`
     misclassified images for the gallery."""
     files, labels = list(files), np.asarray(labels, np.int64)
-    dataset = pipeline.eval_dataset(files, labels.tolist(), image_size=image_size,
+    dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
                                     global_batch_size=batch_size, cache=False)
     infer = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
     logits, gallery_index, gallery_images = [], [], []

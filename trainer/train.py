@@ -24,7 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data import check, layout, pipeline
+from data import check, datasets, layout
+from data.augment import Augment, Mix
 from models import registry, transfer
 from trainer import (checkpoints, distribute, evaluation, performance, pretrained, serving,
                      summaries)
@@ -274,17 +275,17 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
     # --- inputs from the restored position ---------------------------------------------------
     def train_fn(context):
         if inputs.synthetic:
-            return pipeline.synthetic_dataset(
+            return datasets.synthetic_dataset(
                 image_size=config.image_size, num_classes=len(inputs.class_names),
                 global_batch_size=plan.global_batch_size, seed=config.seed,
                 num_steps=plan.total_steps - start_step, context=context)
-        return pipeline.train_dataset(
+        return datasets.train_dataset(
             inputs.train.files, inputs.train.labels, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=start_step,
             total_steps=plan.total_steps, cache=config.cache_images, context=context,
-            augment=pipeline.Augment(config.crop_min_area, config.random_flip,
-                                     parse_randaugment(config.randaugment)),
-            mix=pipeline.Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha))
+            augment=Augment(config.crop_min_area, config.random_flip,
+                            parse_randaugment(config.randaugment)),
+            mix=Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha))
 
     train_iterator = iter(strategy.distribute_datasets_from_function(
         train_fn, distribute.input_options(strategy))) \
@@ -296,7 +297,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
             files = inputs.eval_splits[split]
 
             def eval_fn(context, files=files):
-                return pipeline.eval_dataset(files.files, files.labels,
+                return datasets.eval_dataset(files.files, files.labels,
                                              image_size=config.image_size,
                                              global_batch_size=plan.eval_global_batch_size,
                                              cache=config.cache_images, context=context)
@@ -514,10 +515,10 @@ def _write_run_description(config: Config, plan: RunPlan, inputs: Inputs, writer
         summaries.write_hparams(writers.model_dir,
                                 summaries.hparam_values(config_rows, plan_rows))
     for tag, augment in () if inputs.synthetic else (
-            ("train/sample_images", pipeline.Augment(config.crop_min_area, config.random_flip,
-                                                     parse_randaugment(config.randaugment))),
-            ("train/sample_images_unaugmented", pipeline.Augment(crop_min_area=1.0, flip=False))):
-        sample = pipeline.train_dataset(
+            ("train/sample_images", Augment(config.crop_min_area, config.random_flip,
+                                            parse_randaugment(config.randaugment))),
+            ("train/sample_images_unaugmented", Augment(crop_min_area=1.0, flip=False))):
+        sample = datasets.train_dataset(
             inputs.train.files, inputs.train.labels, image_size=config.image_size,
             global_batch_size=min(9, len(inputs.train)), seed=config.seed, start_step=0,
             total_steps=1, cache=False, augment=augment)
