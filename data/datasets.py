@@ -4,20 +4,30 @@ Both take plain arguments and an optional `tf.distribute.InputContext`, and yiel
 batches of ``(uint8 images [B, S, S, 3], int32 labels [B], float32 weights [B])``.
 
 Training order is a pure function of (seed, epoch, input pipeline): each pipeline owns a fixed
-shard of the files and visits it in a stateless random permutation of (seed, epoch, pipeline);
+shard of the items (`items[id::n]`) and visits it in an order drawn with stateless random ops;
 augmentation uses stateless random ops seeded by (seed, epoch, position). Neither depends on
-TensorFlow's global seed or on how many epochs ran before in this process. A run resumed at global step k therefore
-sees exactly the batches an uninterrupted run would have seen from step k on.
+TensorFlow's global seed or on how many epochs ran before in this process. A run resumed at
+global step k therefore sees exactly the batches an uninterrupted run would have seen from step k
+on. Two orders exist:
+
+* random access (`random_access_epochs`): a stateless permutation of the whole shard; used when
+  any item can be read alone (image files, or decoded images held in memory);
+* grouped (`grouped_epochs`): for data read in blocks (TFRecord shards, disk-cache chunks). The
+  blocks are permuted, taken `group_blocks` at a time, and each group's items permuted: memory
+  holds a few groups whatever the dataset size, and a resume skips whole groups unread.
 
 Evaluation visits every image exactly once: the file list is padded to a whole number of global
 batches with weight-0 copies, so every replica gets the same number of batches.
 """
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import tensorflow as tf
 
 from data.augment import Augment, Mix, augment_image, mix_batch
-from data.decode import read_and_resize
+from data.decode import decode_and_resize, read_and_resize
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -39,70 +49,167 @@ def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
     return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
-def train_dataset(files, labels, *, image_size: int, global_batch_size: int, seed: int,
-                  start_step: int, total_steps: int, augment: Augment = Augment(),
-                  cache: bool = True, context: tf.distribute.InputContext | None = None,
-                  mix: Mix | None = None) -> tf.data.Dataset:
-    """Per-replica training batches for global steps [start_step, total_steps); with an
-    enabled `mix`, float32 images and soft labels [B, classes]."""
-    num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_shard(context)
-    per_replica_batch = global_batch_size // (num_pipelines * replicas_per_pipeline)
-    per_pipeline_batch = per_replica_batch * replicas_per_pipeline
-    epoch_steps = steps_per_epoch(len(files), global_batch_size)
-    if epoch_steps < 1:
-        raise ValueError(f"{len(files)} training images are fewer than one global batch "
-                         f"of {global_batch_size}")
-    start_epoch, start_offset = divmod(start_step, epoch_steps)
-    num_epochs = -(-total_steps // epoch_steps)
-    epoch_images = epoch_steps * per_pipeline_batch
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """How one input pipeline walks the epochs of a run from `start_step`."""
+    num_pipelines: int
+    pipeline_id: int
+    replicas_per_pipeline: int
+    per_replica_batch: int
+    shard_size: int  # items of this pipeline
+    epoch_steps: int
+    start_step: int
+    total_steps: int
 
-    shard_files = tf.constant(list(files)[pipeline_id::num_pipelines])
-    shard_labels = tf.constant(list(labels)[pipeline_id::num_pipelines], tf.int32)
-    shard_size = int(shard_files.shape[0])
-    if cache:
-        # Decode once into one uint8 tensor [shard, S, S, 3] (1/4 of float32) kept by
-        # tf.data's cache; epochs then gather from it by index.
-        images = tf.data.Dataset.from_tensor_slices(shard_files).map(
-            lambda path: read_and_resize(path, image_size), num_parallel_calls=AUTOTUNE)
-        source = images.batch(shard_size).cache()
-    else:
-        source = tf.data.Dataset.from_tensors(shard_files)
+    @classmethod
+    def make(cls, num_items: int, global_batch_size: int, start_step: int, total_steps: int,
+             context: tf.distribute.InputContext | None) -> "EpochPlan":
+        num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_shard(context)
+        epoch_steps = steps_per_epoch(num_items, global_batch_size)
+        if epoch_steps < 1:
+            raise ValueError(f"{num_items} training images are fewer than one global batch "
+                             f"of {global_batch_size}")
+        return cls(num_pipelines, pipeline_id, replicas_per_pipeline,
+                   global_batch_size // (num_pipelines * replicas_per_pipeline),
+                   len(range(pipeline_id, num_items, num_pipelines)), epoch_steps, start_step,
+                   total_steps)
 
+    @property
+    def epoch_images(self) -> int:
+        return self.epoch_steps * self.per_replica_batch * self.replicas_per_pipeline
+
+    def epochs(self) -> tf.data.Dataset:
+        start_epoch = self.start_step // self.epoch_steps
+        return tf.data.Dataset.range(start_epoch, -(-self.total_steps // self.epoch_steps))
+
+    def first(self, epoch: tf.Tensor) -> tf.Tensor:
+        """The first position of `epoch` to deliver: where an interrupted run stopped."""
+        start_epoch, start_offset = divmod(self.start_step, self.epoch_steps)
+        per_pipeline_batch = self.per_replica_batch * self.replicas_per_pipeline
+        return tf.where(epoch == start_epoch, tf.constant(start_offset * per_pipeline_batch,
+                                                          tf.int64), tf.constant(0, tf.int64))
+
+    def example(self, image, label, epoch_seed, position, image_size: int, augment: Augment):
+        op_seed = tf.stack([epoch_seed, tf.cast(position, tf.int64) * self.num_pipelines
+                            + self.pipeline_id])
+        return (augment_image(image, op_seed, image_size, augment), label,
+                tf.ones([], tf.float32))
+
+
+def random_access_epochs(plan: EpochPlan, seed: int, shard: tf.data.Dataset, lookup,
+                         labels: tf.Tensor, image_size: int, augment: Augment) -> tf.data.Dataset:
+    """Examples in a stateless permutation of the whole shard per epoch. `shard` yields one
+    element (e.g. all decoded images, or all paths); `lookup(element, index)` -> uint8 image."""
     def one_epoch(epoch):
         epoch_seed = _epoch_seed(seed, epoch)
         # The epoch's order: a stateless permutation of (seed, epoch), whatever the global seed.
         order = tf.argsort(tf.random.stateless_uniform(
-            [shard_size], tf.stack([epoch_seed, tf.constant(pipeline_id, tf.int64)])))
-        # Resume mid-epoch: start where the interrupted run stopped.
-        first = tf.where(epoch == start_epoch, start_offset * per_pipeline_batch, 0)
-        positions = tf.range(tf.cast(first, tf.int32), epoch_images)
+            [plan.shard_size], tf.stack([epoch_seed, tf.constant(plan.pipeline_id, tf.int64)])))
+        positions = tf.range(plan.first(epoch), plan.epoch_images)
 
-        def take_epoch(shard):
+        def take_epoch(element):
             def prepare(position):
                 index = order[position]
-                image = shard[index] if cache else read_and_resize(shard[index], image_size)
-                op_seed = tf.stack([epoch_seed, tf.cast(position * num_pipelines + pipeline_id,
-                                                         tf.int64)])
-                return (augment_image(image, op_seed, image_size, augment),
-                        tf.gather(shard_labels, index), tf.ones([], tf.float32))
+                return plan.example(lookup(element, index), tf.gather(labels, index), epoch_seed,
+                                    position, image_size, augment)
             return tf.data.Dataset.from_tensor_slices(positions).map(
                 prepare, num_parallel_calls=AUTOTUNE)
-
-        return source.flat_map(take_epoch)
-
-    ds = tf.data.Dataset.range(start_epoch, num_epochs).flat_map(one_epoch)
-    return batch_and_mix(ds, per_replica_batch=per_replica_batch, seed=seed,
-                         start_step=start_step, total_steps=total_steps, context=context, mix=mix)
+        return shard.flat_map(take_epoch)
+    return plan.epochs().flat_map(one_epoch)
 
 
-def batch_and_mix(ds: tf.data.Dataset, *, per_replica_batch: int, seed: int, start_step: int,
-                  total_steps: int, context: tf.distribute.InputContext | None,
-                  mix: Mix | None) -> tf.data.Dataset:
+def grouped_epochs(plan: EpochPlan, seed: int, block_sizes, load_group, labels: tf.Tensor,
+                   image_size: int, augment: Augment, group_blocks: int,
+                   encoded: bool) -> tf.data.Dataset:
+    """Examples read block by block. `block_sizes[b]`: items of block b; `load_group(block ids)`
+    -> (images [k] (encoded bytes if `encoded`, else uint8 [k, S, S, 3]), local indices [k]) in
+    an order that depends only on the ids. Per epoch the blocks are permuted statelessly, taken
+    `group_blocks` at a time, and each group's items permuted; groups before the resume position
+    are never read."""
+    sizes = np.asarray(block_sizes, np.int64)
+    num_groups = -(-len(sizes) // group_blocks)
+    padded_sizes = tf.constant(np.append(sizes, 0), tf.int64)
+
+    def one_epoch(epoch):
+        epoch_seed = _epoch_seed(seed, epoch)
+        perm = tf.argsort(tf.random.stateless_uniform(
+            [len(sizes)], tf.stack([epoch_seed, tf.constant(plan.pipeline_id + (1 << 20),
+                                                            tf.int64)])))
+        groups = tf.reshape(tf.concat([perm, tf.fill([num_groups * group_blocks - len(sizes)],
+                                                     len(sizes))], 0), [num_groups, group_blocks])
+        ends = tf.cumsum(tf.reduce_sum(tf.gather(padded_sizes, groups), axis=1))
+        starts = tf.concat([[0], ends[:-1]], 0)
+        first = plan.first(epoch)
+
+        def load(g):
+            ids = tf.boolean_mask(groups[g], groups[g] < len(sizes))
+            images, local = load_group(ids)
+            order = tf.argsort(tf.random.stateless_uniform(
+                tf.shape(local), tf.stack([epoch_seed, g + (1 << 40)])))
+            positions = starts[g] + tf.range(tf.size(local, out_type=tf.int64))
+            return tf.gather(images, order), tf.gather(local, order), positions
+
+        def prepare(image, index, position):
+            if encoded:
+                image = decode_and_resize(image, image_size)
+            return plan.example(image, tf.gather(labels, index), epoch_seed, position,
+                                image_size, augment)
+        ds = tf.data.Dataset.range(num_groups).filter(
+            lambda g: (ends[g] > first) & (starts[g] < plan.epoch_images))
+        ds = ds.map(load, num_parallel_calls=2, deterministic=True).unbatch()
+        ds = ds.filter(lambda i, x, p: (p >= first) & (p < plan.epoch_images))
+        return ds.map(prepare, num_parallel_calls=AUTOTUNE)
+    return plan.epochs().flat_map(one_epoch)
+
+
+def cache_mode(cache) -> str:
+    """"memory", "disk" or "none" (True and False, the old boolean flag, mean memory and none)."""
+    mode = {True: "memory", False: "none"}.get(cache, cache)
+    if mode not in ("memory", "disk", "none"):
+        raise ValueError(f"cache must be memory, disk or none, not {cache!r}")
+    return mode
+
+
+def train_dataset(files, labels, *, image_size: int, global_batch_size: int, seed: int,
+                  start_step: int, total_steps: int, augment: Augment = Augment(),
+                  cache="memory", context: tf.distribute.InputContext | None = None,
+                  mix: Mix | None = None, cache_dir: str | None = None,
+                  log=None) -> tf.data.Dataset:
+    """Per-replica training batches of image files for global steps [start_step, total_steps);
+    with an enabled `mix`, float32 images and soft labels [B, classes]. `cache`: "memory" (decode
+    the shard once into one uint8 tensor), "none" (decode every time), "disk" (decoded chunks
+    under `cache_dir`, see data/diskcache.py)."""
+    plan = EpochPlan.make(len(files), global_batch_size, start_step, total_steps, context)
+    mode = cache_mode(cache)
+    shard_files = list(files)[plan.pipeline_id::plan.num_pipelines]
+    shard_labels = tf.constant(list(labels)[plan.pipeline_id::plan.num_pipelines], tf.int32)
+    if mode == "disk":
+        from data import diskcache
+        chunks = diskcache.for_files(cache_dir, shard_files, image_size, log=log)
+        ds = grouped_epochs(plan, seed, chunks.sizes, chunks.load_group, shard_labels,
+                            image_size, augment, diskcache.GROUP_CHUNKS, encoded=False)
+    elif mode == "memory":
+        # Decode once into one uint8 tensor [shard, S, S, 3] (1/4 of float32) kept by
+        # tf.data's cache; epochs then gather from it by index.
+        images = tf.data.Dataset.from_tensor_slices(shard_files).map(
+            lambda path: read_and_resize(path, image_size), num_parallel_calls=AUTOTUNE)
+        ds = random_access_epochs(plan, seed, images.batch(plan.shard_size).cache(),
+                                  lambda shard, i: shard[i], shard_labels, image_size, augment)
+    else:
+        ds = random_access_epochs(plan, seed, tf.data.Dataset.from_tensors(shard_files),
+                                  lambda shard, i: read_and_resize(shard[i], image_size),
+                                  shard_labels, image_size, augment)
+    return batch_and_mix(ds, plan, seed=seed, mix=mix)
+
+
+def batch_and_mix(ds: tf.data.Dataset, plan: EpochPlan, *, seed: int, mix: Mix | None
+                  ) -> tf.data.Dataset:
     """Examples from `start_step` on -> per-replica batches up to `total_steps`, mixed by an
     enabled `mix` (seeded by the global batch number: the same for a resumed run)."""
-    num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_shard(context)
-    ds = ds.batch(per_replica_batch, drop_remainder=True)
-    ds = ds.take((total_steps - start_step) * replicas_per_pipeline)
+    num_pipelines, pipeline_id = plan.num_pipelines, plan.pipeline_id
+    replicas_per_pipeline, start_step = plan.replicas_per_pipeline, plan.start_step
+    ds = ds.batch(plan.per_replica_batch, drop_remainder=True)
+    ds = ds.take((plan.total_steps - start_step) * replicas_per_pipeline)
     if mix is not None and mix.enabled:
         # Batch i of this pipeline (counted from step 0) has the global number
         # i * pipelines + pipeline id: the same for a resumed run.
@@ -120,7 +227,7 @@ def batch_and_mix(ds: tf.data.Dataset, *, per_replica_batch: int, seed: int, sta
     return ds.prefetch(AUTOTUNE)
 
 
-def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cache: bool = True,
+def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cache="memory",
                  context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Every image once, in file order, padded with weight-0 copies to whole global batches."""
     num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_shard(context)
@@ -135,9 +242,23 @@ def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cach
         (tf.constant(files), tf.constant(labels, tf.int32), tf.constant(weights, tf.float32)))
     ds = ds.shard(num_pipelines, pipeline_id)
     ds = ds.map(lambda p, y, w: (read_and_resize(p, image_size), y, w), num_parallel_calls=AUTOTUNE)
-    if cache:
+    if cache_mode(cache) == "memory":  # disk: eval sets are small, streamed
         ds = ds.cache()
     return ds.batch(per_replica_batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+class FolderSource:
+    """Image files in class folders (see data/source.py for the packed kind)."""
+    kind = "folder"
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+
+    def train_dataset(self, split, **kwargs) -> tf.data.Dataset:
+        return train_dataset(split.files, split.labels, **kwargs)
+
+    def eval_dataset(self, split, **kwargs) -> tf.data.Dataset:
+        return eval_dataset(split.files, split.labels, **kwargs)
 
 
 def synthetic_dataset(*, image_size: int, num_classes: int, global_batch_size: int, seed: int,

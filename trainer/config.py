@@ -19,7 +19,7 @@ class Config:
     data_dir: str
     model_dir: str
     image_size: int
-    cache_images: bool
+    cache_images: str  # memory, disk or none
     crop_min_area: float
     random_flip: bool
     skip_unknown_classes: bool

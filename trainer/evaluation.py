@@ -48,12 +48,14 @@ class Predictions:
 
 
 def predict_split(model, files, labels, *, image_size: int, batch_size: int,
-                  gallery_size: int = 24) -> Predictions:
+                  gallery_size: int = 24, dataset=None) -> Predictions:
     """Runs `model` (inference mode) once over every file; keeps up to `gallery_size`
-    misclassified images for the gallery."""
+    misclassified images for the gallery. `dataset`: the split's eval_dataset (e.g. from packed
+    data, data/source.py); default: read `files`."""
     files, labels = list(files), np.asarray(labels, np.int64)
-    dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
-                                    global_batch_size=batch_size, cache=False)
+    if dataset is None:
+        dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
+                                        global_batch_size=batch_size, cache="none")
     infer = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
     logits, gallery_index, gallery_images = [], [], []
     seen = 0

@@ -20,13 +20,17 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 # --- data -----------------------------------------------------------------------------------
 flags.DEFINE_string("data_dir", None, "Dataset root holding train/, valid/ (and test/) with one "
-                    "folder per class.")
+                    "folder per class, or a packed folder written by `python -m data.pack` "
+                    "(TFRecord shards and manifest.json); local or s3://BUCKET/PREFIX.")
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, "
                     "results.json. Starting again with the same model_dir resumes.")
 flags.DEFINE_integer("image_size", 224, "Images are decoded and resized to image_size^2.",
                      lower_bound=8)
-flags.DEFINE_boolean("cache_images", True, "Keep decoded uint8 images in memory after the first "
-                     "epoch (image_size^2*3 bytes each).")
+flags.DEFINE_enum("cache_images", "memory", ["memory", "disk", "none"], "Decoded training "
+                  "images: `memory` decodes each pipeline's share once into memory "
+                  "(image_size^2*3 bytes each); `disk` once into chunk files under "
+                  "--data_cache_dir/decoded (memory stays flat; rebuilt when the source files or "
+                  "image size change); `none` decodes at every use.")
 flags.DEFINE_float("crop_min_area", 0.25, "Random-resized crop: smallest fraction of the image "
                    "area kept; 1 disables cropping.", lower_bound=0.01, upper_bound=1.0)
 flags.DEFINE_boolean("random_flip", True, "Random horizontal flips in training.")
@@ -200,6 +204,8 @@ def _data_dir_has_splits(value) -> bool:
         return True  # synced into --data_cache_dir and checked there
     if not os.path.isdir(value):
         raise flags.ValidationError("no such folder")
+    if os.path.isfile(os.path.join(value, "manifest.json")):
+        return True  # packed data (data/pack.py): its shards are checked when it is opened
     for split in ("train", "valid"):
         if not os.path.isdir(os.path.join(value, split)):
             raise flags.ValidationError(f"has no {split}/ folder (the layout is train/, valid/ "

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data import check, datasets, layout
+from data import check, datasets, layout, source
 from data.augment import Augment, Mix
 from models import registry, transfer
 from trainer import (checkpoints, distribute, evaluation, performance, pretrained, serving,
@@ -58,6 +58,7 @@ class Inputs:
     train: layout.SplitFiles
     eval_splits: dict[str, layout.SplitFiles]
     synthetic: bool = False
+    source: object = None  # data.source.open_source(): builds the train and eval datasets
 
     @property
     def num_train_images(self) -> int:
@@ -86,6 +87,8 @@ def _format_duration(seconds: float) -> str:
 # Data layout and the saved run description
 # ============================================================================================
 def read_inputs(config: Config) -> Inputs:
+    if source.is_packed(config.data_dir):
+        return read_packed_inputs(config)
     found = layout.train_class_names(config.data_dir)
     saved_path = os.path.join(config.model_dir, "classes.json")
     class_names = found
@@ -110,7 +113,33 @@ def read_inputs(config: Config) -> Inputs:
     if scanned.report.errors:
         raise TrainingError(scanned.report.error_line(report_path))
     eval_splits = {split: files for split, files in scanned.splits.items() if split != "train"}
-    return Inputs(class_names, scanned.splits["train"], eval_splits)
+    return Inputs(class_names, scanned.splits["train"], eval_splits,
+                  source=datasets.FolderSource(config.data_dir))
+
+
+def read_packed_inputs(config: Config) -> Inputs:
+    """Packed data (data/pack.py): the shards are verified against the manifest, whose items
+    passed the data check when packed; its report is copied into model_dir."""
+    try:
+        packed = source.open_source(config.data_dir, cache_dir=config.model_dir, log=_log)
+    except source.DataError as e:
+        raise TrainingError(str(e)) from None
+    class_names = packed.manifest.class_names
+    saved_path = os.path.join(config.model_dir, "classes.json")
+    if os.path.exists(saved_path) and checkpoints.read_json(saved_path) != class_names:
+        saved = checkpoints.read_json(saved_path)
+        raise TrainingError(
+            f"the train classes of {config.data_dir!r} differ from the run in "
+            f"{config.model_dir!r}: new {sorted(set(class_names) - set(saved)) or 'none'}, "
+            f"missing {sorted(set(saved) - set(class_names)) or 'none'}")
+    for name in ("data_report.txt", "data_report.json"):
+        if os.path.exists(os.path.join(config.data_dir, name)):
+            with open(os.path.join(config.data_dir, name), encoding="utf-8") as f:
+                checkpoints.atomic_write_text(os.path.join(config.model_dir, name), f.read())
+    splits = packed.manifest.splits
+    return Inputs(class_names, splits["train"],
+                  {name: split for name, split in splits.items() if name != "train"},
+                  source=packed)
 
 
 def sync_from_s3(config: Config) -> str:
@@ -279,10 +308,11 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                 image_size=config.image_size, num_classes=len(inputs.class_names),
                 global_batch_size=plan.global_batch_size, seed=config.seed,
                 num_steps=plan.total_steps - start_step, context=context)
-        return datasets.train_dataset(
-            inputs.train.files, inputs.train.labels, image_size=config.image_size,
+        return inputs.source.train_dataset(
+            inputs.train, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=start_step,
             total_steps=plan.total_steps, cache=config.cache_images, context=context,
+            cache_dir=config.data_cache_dir, log=_log,
             augment=Augment(config.crop_min_area, config.random_flip,
                             parse_randaugment(config.randaugment)),
             mix=Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha))
@@ -297,10 +327,9 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
             files = inputs.eval_splits[split]
 
             def eval_fn(context, files=files):
-                return datasets.eval_dataset(files.files, files.labels,
-                                             image_size=config.image_size,
-                                             global_batch_size=plan.eval_global_batch_size,
-                                             cache=config.cache_images, context=context)
+                return inputs.source.eval_dataset(files, image_size=config.image_size,
+                                                  global_batch_size=plan.eval_global_batch_size,
+                                                  cache=config.cache_images, context=context)
             eval_datasets[split] = strategy.distribute_datasets_from_function(eval_fn)
         eval_metrics.reset()
         steps.eval_loop(eval_datasets[split])
@@ -518,10 +547,10 @@ def _write_run_description(config: Config, plan: RunPlan, inputs: Inputs, writer
             ("train/sample_images", Augment(config.crop_min_area, config.random_flip,
                                             parse_randaugment(config.randaugment))),
             ("train/sample_images_unaugmented", Augment(crop_min_area=1.0, flip=False))):
-        sample = datasets.train_dataset(
-            inputs.train.files, inputs.train.labels, image_size=config.image_size,
+        sample = inputs.source.train_dataset(
+            inputs.train, image_size=config.image_size,
             global_batch_size=min(9, len(inputs.train)), seed=config.seed, start_step=0,
-            total_steps=1, cache=False, augment=augment)
+            total_steps=1, cache="none", augment=augment)
         images, labels, _ = next(iter(sample))
         titles = [inputs.class_names[i] for i in labels.numpy()]
         writers.image(writers.train, 0, tag, summaries.image_grid(images.numpy(), titles))
@@ -534,9 +563,12 @@ def _write_eval_figures(config: Config, plan: RunPlan, inputs: Inputs, model, wr
     (eval/<split>/confusion_matrix, eval/<split>/misclassified; the tags `trainer.evaluate`
     writes): one more pass over the split with the model, on the chief."""
     files = inputs.eval_splits[split]
-    predictions = evaluation.predict_split(model, files.files, files.labels,
-                                           image_size=config.image_size,
-                                           batch_size=plan.eval_global_batch_size)
+    predictions = evaluation.predict_split(
+        model, files.files, files.labels, image_size=config.image_size,
+        batch_size=plan.eval_global_batch_size,
+        dataset=inputs.source.eval_dataset(files, image_size=config.image_size,
+                                           global_batch_size=plan.eval_global_batch_size,
+                                           cache="none"))
     confusion = evaluation.confusion_matrix(predictions.labels, predictions.predicted,
                                             len(inputs.class_names))
     writers.image(writers.eval, step, f"{split}/confusion_matrix",
