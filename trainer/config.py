@@ -62,6 +62,7 @@ class Config:
     data_cache_dir: str
     s3_anon: bool
     s3_endpoint_url: str | None
+    data_service: str  # grpc://HOST:PORT of a tf.data service dispatcher, or ""
     synthetic_data: bool
     synthetic_classes: int
     export_at_end: bool

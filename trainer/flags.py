@@ -140,6 +140,9 @@ flags.DEFINE_boolean("s3_anon", False, "Read S3 anonymously (public buckets); ot
                      "standard AWS credential chain (environment, ~/.aws) is used.")
 flags.DEFINE_string("s3_endpoint_url", None, "Endpoint of an S3-compatible store (MinIO, Ceph, "
                     "SeaweedFS); default: AWS.")
+flags.DEFINE_string("data_service", "", "grpc://HOST:PORT of a tf.data service dispatcher "
+                    "(`python -m data.service`): training input is decoded and augmented by its "
+                    "workers, which must see --data_dir at the same path. Empty: in this process.")
 flags.DEFINE_boolean("synthetic_data", False, "Train on in-memory random images instead of "
                      "--data_dir (no evaluation): the model's compute ceiling on this host.")
 flags.DEFINE_integer("synthetic_classes", 1000, "Class count with --synthetic_data.",
@@ -169,6 +172,15 @@ def _profile_steps(value):
     except ValueError:
         return False
     return True
+
+
+@flags.validator("data_service", message="--data_service must be grpc://HOST:PORT (or empty)")
+def _data_service(value):
+    from data import service  # no TensorFlow at import
+    try:
+        return not value or bool(service.parse_address(value))
+    except ValueError:
+        return False
 
 
 @flags.validator("randaugment", message="--randaugment must be N,M with N >= 1 operations and "

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data import check, datasets, layout, source
+from data import check, datasets, layout, service, source
 from data.augment import Augment, Mix
 from models import registry, transfer
 from trainer import (checkpoints, distribute, evaluation, performance, pretrained, serving,
@@ -308,7 +308,7 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
                 image_size=config.image_size, num_classes=len(inputs.class_names),
                 global_batch_size=plan.global_batch_size, seed=config.seed,
                 num_steps=plan.total_steps - start_step, context=context)
-        return inputs.source.train_dataset(
+        dataset = inputs.source.train_dataset(
             inputs.train, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=start_step,
             total_steps=plan.total_steps, cache=config.cache_images, context=context,
@@ -316,6 +316,9 @@ def _train(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
             augment=Augment(config.crop_min_area, config.random_flip,
                             parse_randaugment(config.randaugment)),
             mix=Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha))
+        # --data_service: the same dataset, run by tf.data service workers (data/service.py).
+        return service.distribute(dataset, config.data_service) if config.data_service \
+            else dataset
 
     train_iterator = iter(strategy.distribute_datasets_from_function(
         train_fn, distribute.input_options(strategy))) \
