@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from bench import OneLineErrorParser, TrainerFailed, run_trainer
+from bench import OneLineErrorParser, TrainerFailed, input_rows, run_trainer
 
 ROWS = ("trainer", "reference_fit", "tuned_fit", "synthetic", "input", "matmul")
 
@@ -211,6 +211,8 @@ def measure(args) -> dict:
             print(f"bench: running {row} ...", file=sys.stderr, flush=True)
             if row == "trainer":
                 rows[row] = _run_trainer(args, False, os.path.join(work, "trainer"))
+            elif row in input_rows.ROWS:  # data paths without a model (bench/input_rows.py)
+                rows[row] = input_rows.measure_row(row, args, work)
             elif row == "synthetic":
                 rows[row] = _run_trainer(args, True, os.path.join(work, "synthetic"))
             else:
@@ -272,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
     args.rows = [r for r in args.rows.split(",") if r]
-    unknown = sorted(set(args.rows) - set(ROWS))
+    unknown = sorted(set(args.rows) - set(ROWS + input_rows.ROWS))
     if unknown:
-        parser.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+        parser.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS + input_rows.ROWS)}")
     if min(args.image_size, args.batch_size, args.replicas, args.steps, args.warmup_steps,
            args.matmul_size) < 1:
         parser.error("--image_size, --batch_size, --replicas, --steps, --warmup_steps and "
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(measured, f, indent=2)
     print(table(measured, args.mixed_precision))
+    print(input_rows.table(measured["rows"]) if set(args.rows) & set(input_rows.ROWS) else "")
     return 0
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from data import check, datasets, pack, source
 from data.augment import Augment
-from tests.conftest import FAST_DEMO_FLAGS, run_trainer
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
 from tests.test_resume import _kill_after_step, _latest_step, _model_variables
 from trainer.train import StepLossLog
 
@@ -122,6 +123,11 @@ def test_sigkill_mid_epoch_on_packed_data_resumes_bit_identical(packed_dir, tmp_
     assert StepLossLog.read(parts / "step_losses.tsv") == StepLossLog.read(
         whole / "step_losses.tsv")
     assert (parts / "data_report.txt").exists()
+    # trainer.evaluate reads the run's packed data too: every test image once.
+    evaluated = subprocess.run([sys.executable, "-m", "trainer.evaluate", f"--model_dir={whole}"],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "on test: 270 images" in evaluated.stdout
 
 
 def test_a_truncated_or_corrupt_shard_is_one_line_naming_it(packed_dir, tmp_path):
