@@ -5,7 +5,7 @@
 #   ./run.sh train FLAGS...       python -m trainer.main FLAGS...
 #   ./run.sh test [PYTEST ARGS]   the test suite
 #   ./run.sh tensorboard [LOGDIR] TensorBoard on 127.0.0.1 (default LOGDIR: runs)
-#   ./run.sh download|check|evaluate|export|predict|bench ARGS...
+#   ./run.sh download|check|pack|service|evaluate|export|predict|bench ARGS...
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -43,8 +43,10 @@ case "$cmd" in
     exec "$PY" -m trainer.tensorboard "$@" ;;
   download) exec "$PY" -m data.download "$@" ;;
   check) exec "$PY" -m data.check "$@" ;;
+  pack) exec "$PY" -m data.pack "$@" ;;
+  service) exec "$PY" -m data.service "$@" ;;
   evaluate|export|predict) exec "$PY" -m "trainer.$cmd" "$@" ;;
   bench) exec "$PY" -m bench.run "$@" ;;
   demo-data) exec "$PY" -m data.demo --dest=dataset/demo "$@" ;;
-  *) echo "run.sh: unknown command '$cmd' (demo, train, test, tensorboard, download, check, evaluate, export, predict, bench)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown command '$cmd' (demo, train, test, tensorboard, download, check, pack, service, evaluate, export, predict, bench)" >&2; exit 2 ;;
 esac

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 
-from bench import OneLineErrorParser, TrainerFailed, run_trainer
+from bench import OneLineErrorParser, TrainerFailed, input_rows, run_trainer
 
 ROWS = ("trainer", "trainer_auto", "trainer_stock", "trainer_xla", "reference_fit", "tuned_fit", "synthetic",
         "synthetic_auto", "tf_keras", "tf_keras_auto", "input", "matmul")
@@ -125,12 +125,12 @@ def worker_tuned_fit(args) -> dict:
     """What a careful Keras user would do: jit off, parallel decode, uint8 cache, prefetch."""
     strategy = _setup(args.replicas)
     import keras
-    from data import layout, pipeline
+    from data import datasets, layout
     from models import registry
     names = layout.train_class_names(args.data_dir)
     split = layout.scan_split(args.data_dir, "train", names)
     steps = args.warmup_steps + args.steps
-    dataset = pipeline.train_dataset(split.files, split.labels, image_size=args.image_size,
+    dataset = datasets.train_dataset(split.files, split.labels, image_size=args.image_size,
                                      global_batch_size=args.batch_size, seed=0, start_step=0,
                                      total_steps=steps)
     with strategy.scope():  # Keras' stock BatchNorm, as a Keras user has it
@@ -202,11 +202,11 @@ def worker_tf_keras(args, precision: str = "none") -> dict:
 
 def worker_input(args) -> dict:
     _setup(1)
-    from data import layout, pipeline
+    from data import datasets, layout
     names = layout.train_class_names(args.data_dir)
     split = layout.scan_split(args.data_dir, "train", names)
     steps = args.warmup_steps + args.steps * 4
-    dataset = pipeline.train_dataset(split.files, split.labels, image_size=args.image_size,
+    dataset = datasets.train_dataset(split.files, split.labels, image_size=args.image_size,
                                      global_batch_size=args.batch_size, seed=0, start_step=0,
                                      total_steps=steps)
     iterator = iter(dataset)
@@ -300,6 +300,8 @@ def measure(args) -> dict:
             print(f"bench: running {row} ...", file=sys.stderr, flush=True)
             if row in TRAINER_ROWS:
                 rows[row] = _run_trainer(args, row, os.path.join(work, row))
+            elif row in input_rows.ROWS:  # data paths without a model (bench/input_rows.py)
+                rows[row] = input_rows.measure_row(row, args, work)
             else:
                 rows[row] = _run_worker(row, args)
         flops = _run_worker("flops", args)["train_flops_per_image"]
@@ -372,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
     args.rows = [r for r in args.rows.split(",") if r]
-    unknown = sorted(set(args.rows) - set(ROWS))
+    unknown = sorted(set(args.rows) - set(ROWS + input_rows.ROWS))
     if unknown:
-        parser.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+        parser.error(f"--rows: unknown {unknown}; choose from {','.join(ROWS + input_rows.ROWS)}")
     if min(args.image_size, args.batch_size, args.replicas, args.steps, args.warmup_steps,
            args.matmul_size) < 1:
         parser.error("--image_size, --batch_size, --replicas, --steps, --warmup_steps and "
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(measured, f, indent=2)
     print(table(measured))
+    print(input_rows.table(measured["rows"]) if set(args.rows) & set(input_rows.ROWS) else "")
     return 0
 
 

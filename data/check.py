@@ -11,8 +11,8 @@ given options, 1 when not, 2 for a usage error. The trainer runs the same `scan`
 anything, trains only on the files that passed, and writes the report to
 ``model_dir/data_report.txt`` and ``.json``.
 
-Every candidate image is decoded by `data.pipeline.decode_rgb` and resized by
-`data.pipeline.resize_uint8`, the functions training uses, in TensorFlow: a file that passes here
+Every candidate image is decoded by `data.decode.decode_rgb` and resized by
+`data.decode.resize_uint8`, the functions training uses, in TensorFlow: a file that passes here
 decodes in training, so a bad file can never stop an epoch. Results are cached per file (keyed by
 path, size and modification time, and by the TensorFlow version) in ``DATA_DIR/.check_cache.json``,
 or in the model_dir when the dataset folder is read-only, so a second start on unchanged files
@@ -410,12 +410,12 @@ def _quiet_native_stderr():
 
 def _probe_fn():
     import tensorflow as tf
-    from data import pipeline
+    from data import decode
 
     def probe(path):
-        image = pipeline.decode_rgb(tf.io.read_file(path))
+        image = decode.decode_rgb(tf.io.read_file(path))
         # The resize training applies next; sums to keep it from being pruned.
-        check = tf.reduce_sum(tf.cast(pipeline.resize_uint8(image, 8), tf.int32))
+        check = tf.reduce_sum(tf.cast(decode.resize_uint8(image, 8), tf.int32))
         shape = tf.shape(image)
         return shape[0], shape[1], check
     return probe

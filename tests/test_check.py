@@ -134,7 +134,7 @@ def test_decode_gives_rgb_pixels_of_every_variant(variant, tolerance):
     import tensorflow as tf
     from PIL import Image
 
-    from data import pipeline
+    from data import decode
     photo = _photo(7, (50, 37))
     encoders = {
         "jpeg": lambda: _encode(photo, "JPEG", quality=95),
@@ -162,10 +162,10 @@ def test_decode_gives_rgb_pixels_of_every_variant(variant, tolerance):
             expected = np.repeat(expected[..., None], 3, axis=2)
         else:
             expected = np.asarray(reference.convert("RGB")).astype(np.float64)
-    decoded = pipeline.decode_rgb(tf.constant(data)).numpy()
+    decoded = decode.decode_rgb(tf.constant(data)).numpy()
     assert decoded.shape == (37, 50, 3) and decoded.dtype == np.uint8
     assert np.abs(decoded - expected).mean() <= tolerance
-    resized = pipeline.decode_and_resize(tf.constant(data), 24).numpy()
+    resized = decode.decode_and_resize(tf.constant(data), 24).numpy()
     assert resized.shape == (24, 24, 3) and resized.dtype == np.uint8
 
 

@@ -271,11 +271,11 @@ def test_keras_files_load_and_predict_the_same(trained, test_evaluation):
     import keras
     import tensorflow as tf
 
-    from data import pipeline
+    from data import decode
     model_dir, _, results = trained
     _, rows, _ = test_evaluation
     class_names = json.loads((model_dir / "classes.json").read_text())
-    images = np.stack([pipeline.decode_and_resize(tf.io.read_file(r["file"]), 32).numpy()
+    images = np.stack([decode.decode_and_resize(tf.io.read_file(r["file"]), 32).numpy()
                        for r in rows])
     logits = {}
     for path in (Path(results["export_dir"]) / "model.keras", model_dir / "model.keras"):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import layout, pipeline
+from data import augment, datasets, layout
 from models import registry, transfer
 from tests.conftest import run_trainer
 from trainer.loop.step import Metrics, StepFunctions, cross_entropy
@@ -244,8 +244,8 @@ def test_mixup_and_cutmix_labels_sum_to_one_and_describe_the_images():
     labels = np.array([0, 1, 2, 3, 1, 2], np.int32)
     seen_cutmix = seen_mixup = False
     for seed in range(12):
-        mix = pipeline.Mix(4, mixup_alpha=0.4, cutmix_alpha=1.0)
-        mixed, soft = pipeline.mix_batch(images, labels, tf.constant([seed, 7], tf.int64), mix)
+        mix = augment.Mix(4, mixup_alpha=0.4, cutmix_alpha=1.0)
+        mixed, soft = augment.mix_batch(images, labels, tf.constant([seed, 7], tf.int64), mix)
         mixed, soft = mixed.numpy(), soft.numpy()
         assert soft.shape == (6, 4) and mixed.dtype == np.float32
         np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-6)
@@ -271,11 +271,11 @@ def test_mixed_training_batches_are_soft_and_resume_at_the_same_batch(demo_dir):
     files, labels = split.files[:40], split.labels[:40]
 
     def batches(start_step):
-        return list(pipeline.train_dataset(
+        return list(datasets.train_dataset(
             files, labels, image_size=16, global_batch_size=8, seed=3, start_step=start_step,
             total_steps=4, cache=False,
-            augment=pipeline.Augment(crop_min_area=0.5, flip=True, randaugment=(2, 9)),
-            mix=pipeline.Mix(len(names), mixup_alpha=0.5, cutmix_alpha=0.5)))
+            augment=augment.Augment(crop_min_area=0.5, flip=True, randaugment=(2, 9)),
+            mix=augment.Mix(len(names), mixup_alpha=0.5, cutmix_alpha=0.5)))
     whole, resumed = batches(0), batches(2)
     images, soft, weights = whole[2]
     assert images.dtype == tf.float32 and soft.shape == (8, len(names))
@@ -288,7 +288,7 @@ def test_mixed_training_batches_are_soft_and_resume_at_the_same_batch(demo_dir):
 def test_randaugment_ops_keep_shape_and_range_and_are_seeded():
     images, _, _ = _random_batch(1, 24, 2, seed=5)
     image = tf.constant(images[0])
-    for name, op in pipeline.RANDAUGMENT_OPS:
+    for name, op in augment.RANDAUGMENT_OPS:
         for sign in (-1.0, 1.0):
             out = op(tf.cast(image, tf.float32), 0.9, tf.constant(sign)).numpy()
             assert out.shape == (24, 24, 3), name
@@ -296,10 +296,10 @@ def test_randaugment_ops_keep_shape_and_range_and_are_seeded():
             if name not in ("identity", "auto_contrast", "equalize"):  # random pixels: 0..255
                 assert not np.allclose(out, images[0]), (name, sign)
     seed = tf.constant([1, 2], tf.int64)
-    first = pipeline.rand_augment(image, seed, 2, 9).numpy()
-    np.testing.assert_array_equal(first, pipeline.rand_augment(image, seed, 2, 9).numpy())
+    first = augment.rand_augment(image, seed, 2, 9).numpy()
+    np.testing.assert_array_equal(first, augment.rand_augment(image, seed, 2, 9).numpy())
     assert first.dtype == np.uint8 and first.shape == (24, 24, 3)
-    others = [pipeline.rand_augment(image, tf.constant([1, s], tf.int64), 2, 9).numpy()
+    others = [augment.rand_augment(image, tf.constant([1, s], tf.int64), 2, 9).numpy()
               for s in range(3, 9)]
     assert sum(not np.array_equal(first, other) for other in others) >= 4
 

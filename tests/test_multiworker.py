@@ -172,12 +172,12 @@ def test_the_kubernetes_manifest_builds_a_consistent_cluster():
 def _global_batches(files, labels, pipelines: int, replicas_per_pipeline: int, **kwargs):
     """The global batches (image ids, images) the replicas of a run would train on, assembled
     in replica order from each input pipeline's per-replica batches."""
-    from data import pipeline
+    from data import datasets
     streams = []
     for pipeline_id in range(pipelines):
         context = tf.distribute.InputContext(pipelines, pipeline_id,
                                              pipelines * replicas_per_pipeline)
-        streams.append(list(pipeline.train_dataset(files, labels, context=context,
+        streams.append(list(datasets.train_dataset(files, labels, context=context,
                                                    with_ids=True, **kwargs)))
     steps = len(streams[0]) // replicas_per_pipeline
     batches = []
@@ -196,8 +196,9 @@ def test_the_global_batches_are_the_same_for_any_number_of_workers_and_replicas(
     kwargs = dict(image_size=32, global_batch_size=32, seed=3, start_step=37, total_steps=42)
     one = _global_batches(split.files, split.labels, 1, 1, **kwargs)
     assert len(one) == 5 and all(len(ids) == 32 for ids, _ in one)
-    for pipelines, replicas in ((1, 2), (2, 1), (2, 2)):
-        other = _global_batches(split.files, split.labels, pipelines, replicas, **kwargs)
+    for pipelines, replicas, cache in ((1, 2, "memory"), (2, 1, "memory"), (2, 2, "none")):
+        other = _global_batches(split.files, split.labels, pipelines, replicas, cache=cache,
+                                **kwargs)
         assert len(other) == len(one)
         for (ids, images), (other_ids, other_images) in zip(one, other):
             np.testing.assert_array_equal(other_ids, ids)

@@ -20,7 +20,7 @@ class Config:
     data_dir: str | None = None
     model_dir: str = ''
     image_size: int = 224
-    cache_images: bool = True
+    cache_images: str = 'memory'  # memory, disk or none
     crop_min_area: float = 0.25
     random_flip: bool = True
     skip_unknown_classes: bool = False
@@ -65,6 +65,7 @@ class Config:
     data_cache_dir: str = 'dataset'
     s3_anon: bool = False
     s3_endpoint_url: str | None = None
+    data_service: str = ''  # grpc://HOST:PORT of a tf.data service dispatcher, or ""
     synthetic_data: bool = False
     synthetic_classes: int = 1000
     export_at_end: bool = True

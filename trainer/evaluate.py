@@ -17,7 +17,7 @@ import sys
 from trainer.tools import tool_flags  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL first)
 from absl import flags  # noqa: E402
 
-from data import check, layout  # noqa: E402
+from data import check, layout, source  # noqa: E402
 from trainer.state.run_dir import RunError, SavedRun  # noqa: E402
 
 PROGRAM = "evaluate"
@@ -47,15 +47,8 @@ def main(argv: list[str]) -> int:
         bucket, _, prefix = data_dir[len("s3://"):].partition("/")
         data_dir = os.path.join(run.config.get("data_cache_dir") or "dataset", bucket,
                                 prefix.strip("/"))
-    # The trainer's data check: unreadable files are left out (and listed), not fatal.
-    scanned = check.scan(data_dir, run.class_names,
-                         skip_unknown_classes=bool(run.config.get("skip_unknown_classes")),
-                         cache_path=check.default_cache_path(data_dir, run.model_dir))
-    if FLAGS.split not in scanned.splits:
-        raise RunError(f"--split={FLAGS.split}: {data_dir} has no readable {FLAGS.split}/ split")
-    files = scanned.splits[FLAGS.split]
-    for warning in scanned.report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    files = _split_files(data_dir, run)
+
 
     checkpoint = run.checkpoint_path(FLAGS.checkpoint)
     tf = tool_flags.import_tensorflow()  # only now: the checks above answer at once
@@ -63,9 +56,12 @@ def main(argv: list[str]) -> int:
     from trainer.tools import analysis
     step = run.checkpoint_step(checkpoint)
     model = run.restore_model(checkpoint)
+    batch_size = FLAGS.batch_size or run.eval_batch_size
+    data = source.open_source(data_dir, cache_dir=run.model_dir)
     predictions = analysis.predict_split(
-        model, files.files, files.labels, image_size=run.image_size,
-        batch_size=FLAGS.batch_size or run.eval_batch_size, gallery_size=FLAGS.gallery_size)
+        model, files.files, files.labels, image_size=run.image_size, batch_size=batch_size,
+        gallery_size=FLAGS.gallery_size, dataset=data.eval_dataset(
+            files, image_size=run.image_size, global_batch_size=batch_size, cache="none"))
     report = analysis.make_report(predictions, run.class_names, split=FLAGS.split, step=step,
                                     checkpoint=checkpoint, data_dir=data_dir)
     output_dir = FLAGS.output_dir or os.path.join(run.model_dir, "evaluation")
@@ -86,8 +82,29 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _split_files(data_dir: str, run: SavedRun) -> layout.SplitFiles:
+    """The readable files of --split: from the data check, or a packed folder's manifest."""
+    if source.is_packed(data_dir):
+        manifest = source.read_manifest(data_dir)
+        if manifest.class_names != run.class_names:
+            raise RunError(f"--data_dir={data_dir}: its classes differ from the run's")
+        if FLAGS.split not in manifest.splits:
+            raise RunError(f"--split={FLAGS.split}: the packed data {data_dir} has no such split")
+        source.verify_shards(manifest, run.model_dir)
+        return manifest.splits[FLAGS.split]
+    # The trainer's data check: unreadable files are left out (and listed), not fatal.
+    scanned = check.scan(data_dir, run.class_names,
+                         skip_unknown_classes=bool(run.config.get("skip_unknown_classes")),
+                         cache_path=check.default_cache_path(data_dir, run.model_dir))
+    if FLAGS.split not in scanned.splits:
+        raise RunError(f"--split={FLAGS.split}: {data_dir} has no readable {FLAGS.split}/ split")
+    for warning in scanned.report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return scanned.splits[FLAGS.split]
+
+
 def entry() -> None:
-    tool_flags.run(PROGRAM, main, errors=(RunError, layout.LayoutError))
+    tool_flags.run(PROGRAM, main, errors=(RunError, layout.LayoutError, source.DataError))
 
 
 if __name__ == "__main__":

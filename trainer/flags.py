@@ -22,14 +22,18 @@ PRECISIONS = ("none", "bfloat16", "float16", "auto")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 # --- data -----------------------------------------------------------------------------------
-flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root holding train/, valid/ (and test/) with one "
-                    "folder per class.")
+flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root holding train/, valid/ (and test/) "
+                    "with one folder per class, or a packed folder written by `python -m "
+                    "data.pack` (TFRecord shards and manifest.json); local or s3://BUCKET/PREFIX.")
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, "
                     "results.json. Starting again with the same model_dir resumes.")
 flags.DEFINE_integer("image_size", _D.image_size, "Images are decoded and resized to image_size^2.",
                      lower_bound=8)
-flags.DEFINE_boolean("cache_images", _D.cache_images, "Keep decoded uint8 images in memory after the first "
-                     "epoch (image_size^2*3 bytes each).")
+flags.DEFINE_enum("cache_images", _D.cache_images, ["memory", "disk", "none"], "Decoded "
+                  "training images: `memory` decodes the training set once into memory "
+                  "(image_size^2*3 bytes each, on every worker); `disk` once into chunk files "
+                  "under --data_cache_dir/decoded (memory stays flat; rebuilt when the source "
+                  "files or image size change); `none` decodes at every use.")
 flags.DEFINE_float("crop_min_area", _D.crop_min_area, "Random-resized crop: smallest fraction of the image "
                    "area kept; 1 disables cropping.", lower_bound=0.01, upper_bound=1.0)
 flags.DEFINE_boolean("random_flip", _D.random_flip, "Random horizontal flips in training.")
@@ -150,6 +154,10 @@ flags.DEFINE_boolean("s3_anon", _D.s3_anon, "Read S3 anonymously (public buckets
                      "standard AWS credential chain (environment, ~/.aws) is used.")
 flags.DEFINE_string("s3_endpoint_url", _D.s3_endpoint_url, "Endpoint of an S3-compatible store (MinIO, Ceph, "
                     "SeaweedFS); default: AWS.")
+flags.DEFINE_string("data_service", _D.data_service, "grpc://HOST:PORT of a tf.data service "
+                    "dispatcher (`python -m data.service`): training input is decoded and "
+                    "augmented by its workers, which must see --data_dir at the same path. "
+                    "Empty: in this process.")
 flags.DEFINE_boolean("synthetic_data", _D.synthetic_data, "Train on in-memory random images instead of "
                      "--data_dir (no evaluation): the model's compute ceiling on this host.")
 flags.DEFINE_integer("synthetic_classes", _D.synthetic_classes, "Class count with --synthetic_data.",
@@ -199,6 +207,15 @@ def _profile_steps(value):
     return True
 
 
+@flags.validator("data_service", message="--data_service must be grpc://HOST:PORT (or empty)")
+def _data_service(value):
+    from data import service  # no TensorFlow at import
+    try:
+        return not value or bool(service.parse_address(value))
+    except ValueError:
+        return False
+
+
 @flags.validator("randaugment", message="--randaugment must be N,M with N >= 1 operations and "
                  "a magnitude 0 <= M <= 10, e.g. 2,9 (or empty)")
 def _randaugment(value):
@@ -232,6 +249,8 @@ def _data_dir_has_splits(value) -> bool:
         return True  # synced into --data_cache_dir and checked there
     if not os.path.isdir(value):
         raise flags.ValidationError("no such folder")
+    if os.path.isfile(os.path.join(value, "manifest.json")):
+        return True  # packed data (data/pack.py): its shards are checked when it is opened
     for split in ("train", "valid"):
         if not os.path.isdir(os.path.join(value, split)):
             raise flags.ValidationError(f"has no {split}/ folder (the layout is train/, valid/ "

@@ -108,9 +108,12 @@ class EvalFigures:
         s = self.state
         files = s.inputs.eval_splits[split]
         with s.averaged():
-            predictions = analysis.predict_split(s.model, files.files, files.labels,
-                                                 image_size=s.config.image_size,
-                                                 batch_size=s.plan.eval_global_batch_size)
+            predictions = analysis.predict_split(
+                s.model, files.files, files.labels, image_size=s.config.image_size,
+                batch_size=s.plan.eval_global_batch_size,
+                dataset=s.inputs.source.eval_dataset(
+                    files, image_size=s.config.image_size,
+                    global_batch_size=s.plan.eval_global_batch_size, cache="none"))
         names = s.inputs.class_names
         confusion = analysis.confusion_matrix(predictions.labels, predictions.predicted,
                                               len(names))

@@ -6,7 +6,9 @@ import dataclasses
 import os
 
 
-from data import check, layout, pipeline
+from data import check, datasets, layout, service, source
+from data.augment import Augment, Mix
+from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_randaugment
 from trainer.loop import distribute
 from trainer.state import run_dir
@@ -34,6 +36,7 @@ class Inputs:
     train: layout.SplitFiles
     eval_splits: dict[str, layout.SplitFiles]
     synthetic: bool = False
+    source: object = None  # data.source.open_source(): builds the train and eval datasets
 
     @property
     def num_train_images(self) -> int:
@@ -48,17 +51,14 @@ def synthetic_inputs(config: Config) -> Inputs:
 def read_inputs(config: Config, log) -> Inputs:
     """The class list (the run's classes.json when present: the train folders must match it)
     and the files of each split that pass the data check."""
+    if source.is_packed(config.data_dir):
+        return read_packed_inputs(config, log)
     found = layout.train_class_names(config.data_dir)
     saved_path = os.path.join(config.model_dir, run_dir.CLASSES_FILE)
     class_names = found
     if os.path.exists(saved_path):
         class_names = run_dir.read_json(saved_path)
-        if class_names != found:
-            added = sorted(set(found) - set(class_names))
-            removed = sorted(set(class_names) - set(found))
-            raise TrainingError(
-                f"the train classes of {config.data_dir!r} differ from the run in "
-                f"{config.model_dir!r}: new {added or 'none'}, missing {removed or 'none'}")
+        _check_same_classes(config, found, class_names)
     # The data check (data/check.py): every image decoded once by the training decoder (cached),
     # only readable files kept, the report written to model_dir before anything can stop.
     scanned = check.scan(config.data_dir, class_names,
@@ -72,7 +72,37 @@ def read_inputs(config: Config, log) -> Inputs:
     if scanned.report.errors:
         raise TrainingError(scanned.report.error_line(report_path))
     eval_splits = {split: files for split, files in scanned.splits.items() if split != "train"}
-    return Inputs(class_names, scanned.splits["train"], eval_splits)
+    return Inputs(class_names, scanned.splits["train"], eval_splits,
+                  source=datasets.FolderSource(config.data_dir))
+
+
+def _check_same_classes(config: Config, found: list[str], saved: list[str]) -> None:
+    if found != saved:
+        raise TrainingError(
+            f"the train classes of {config.data_dir!r} differ from the run in "
+            f"{config.model_dir!r}: new {sorted(set(found) - set(saved)) or 'none'}, "
+            f"missing {sorted(set(saved) - set(found)) or 'none'}")
+
+
+def read_packed_inputs(config: Config, log) -> Inputs:
+    """Packed data (data/pack.py): the shards are verified against the manifest, whose items
+    passed the data check when packed; its report is copied into model_dir."""
+    try:
+        packed = source.open_source(config.data_dir, cache_dir=config.model_dir, log=log)
+    except source.DataError as e:
+        raise TrainingError(str(e)) from None
+    class_names = packed.manifest.class_names
+    saved_path = os.path.join(config.model_dir, run_dir.CLASSES_FILE)
+    if os.path.exists(saved_path):
+        _check_same_classes(config, class_names, run_dir.read_json(saved_path))
+    for name in ("data_report.txt", "data_report.json"):
+        if os.path.exists(os.path.join(config.data_dir, name)):
+            with open(os.path.join(config.data_dir, name), encoding="utf-8") as f:
+                atomic_write_text(os.path.join(config.model_dir, name), f.read())
+    splits = packed.manifest.splits
+    return Inputs(class_names, splits["train"],
+                  {name: split for name, split in splits.items() if name != "train"},
+                  source=packed)
 
 
 def sync_from_s3(config: Config, log) -> str:
@@ -98,28 +128,30 @@ def sync_from_s3(config: Config, log) -> str:
     return local
 
 
-def train_augment(config: Config) -> pipeline.Augment:
-    return pipeline.Augment(config.crop_min_area, config.random_flip,
-                            parse_randaugment(config.randaugment))
+def train_augment(config: Config) -> Augment:
+    return Augment(config.crop_min_area, config.random_flip, parse_randaugment(config.randaugment))
 
 
 def train_iterator(config: Config, plan: RunPlan, inputs: Inputs, strategy, position: int,
-                   end_position: int):
+                   end_position: int, log=print):
     """An iterator over the distributed training batches of data positions [position,
     end_position): the very batches an uninterrupted run would see there."""
     def dataset_fn(context):
         if inputs.synthetic:
-            return pipeline.synthetic_dataset(
+            return datasets.synthetic_dataset(
                 image_size=config.image_size, num_classes=len(inputs.class_names),
                 global_batch_size=plan.global_batch_size, seed=config.seed,
                 num_steps=end_position - position, context=context)
-        return pipeline.train_dataset(
-            inputs.train.files, inputs.train.labels, image_size=config.image_size,
+        extra = {"with_ids": True} if config.debug_record_batches else {}
+        dataset = inputs.source.train_dataset(
+            inputs.train, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=position,
             total_steps=end_position, cache=config.cache_images, context=context,
-            augment=train_augment(config),
-            mix=pipeline.Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha),
-            with_ids=config.debug_record_batches)
+            cache_dir=config.data_cache_dir, log=log, augment=train_augment(config),
+            mix=Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha), **extra)
+        # --data_service: the same dataset, run by tf.data service workers (data/service.py).
+        return service.distribute(dataset, config.data_service) if config.data_service \
+            else dataset
 
     return iter(strategy.distribute_datasets_from_function(
         dataset_fn, distribute.input_options(strategy)))
@@ -130,18 +162,18 @@ def eval_dataset(config: Config, plan: RunPlan, inputs: Inputs, strategy, split:
     files = inputs.eval_splits[split]
 
     def dataset_fn(context):
-        return pipeline.eval_dataset(files.files, files.labels, image_size=config.image_size,
-                                     global_batch_size=plan.eval_global_batch_size,
-                                     cache=config.cache_images, context=context)
+        return inputs.source.eval_dataset(files, image_size=config.image_size,
+                                          global_batch_size=plan.eval_global_batch_size,
+                                          cache=config.cache_images, context=context)
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def sample_images(config: Config, inputs: Inputs, augment: pipeline.Augment):
+def sample_images(config: Config, inputs: Inputs, augment: Augment):
     """The first nine training images of epoch 0 with `augment`: (uint8 images, class names)."""
-    sample = pipeline.train_dataset(
-        inputs.train.files, inputs.train.labels, image_size=config.image_size,
+    sample = inputs.source.train_dataset(
+        inputs.train, image_size=config.image_size,
         global_batch_size=min(9, len(inputs.train)), seed=config.seed, start_step=0,
-        total_steps=1, cache=False, augment=augment)
+        total_steps=1, cache="none", augment=augment)
     images, labels, _ = next(iter(sample))
     return images.numpy(), [inputs.class_names[i] for i in labels.numpy()]
 

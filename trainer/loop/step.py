@@ -7,7 +7,7 @@ gradients are those of the global mean loss. Metrics are updated with the per-ex
 and are reduced across replicas when read, so the reported loss is the true global mean.
 
 Labels are int class ids [B] (the hard-label path, unchanged by the options below unless they are
-used) or soft targets [B, classes] from MixUp/CutMix (data/pipeline.py), whose accuracy counts the
+used) or soft targets [B, classes] from MixUp/CutMix (data/augment.py), whose accuracy counts the
 argmax of the target. `label_smoothing` smooths either. With `grad_accum_steps` k > 1 each
 replica's batch is cut into k micro-batches whose gradients are summed before the one optimizer
 update (each micro-batch loss is divided by the *global* batch, so the sum is the gradient of the

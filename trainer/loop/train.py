@@ -30,6 +30,7 @@ import time
 import keras
 import tensorflow as tf
 
+from data.augment import Augment
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_profile_steps
 from trainer.loop import actions, distribute, finish, inputs, precision, pretrained, resume
@@ -283,7 +284,7 @@ def _write_run_description(config: Config, plan: RunPlan, data: Inputs,
     if not data.synthetic:
         for tag, augment in (("train/sample_images", inputs.train_augment(config)),
                              ("train/sample_images_unaugmented",
-                              inputs.pipeline.Augment(crop_min_area=1.0, flip=False))):
+                              Augment(crop_min_area=1.0, flip=False))):
             images, titles = inputs.sample_images(config, data, augment)
             writers.image(writers.train, 0, tag, figures.image_grid(images, titles))
     writers.flush()

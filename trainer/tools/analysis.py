@@ -7,7 +7,7 @@ Reusable by the trainer and the `trainer.evaluate` tool:
     report = make_report(predictions, class_names, split="test", step=N)
     paths = write_report(report, predictions, output_dir, writer=tf.summary writer or None)
 
-The images come from data.pipeline.eval_dataset (every image once; weight-0 padding dropped), so
+The images come from data.datasets.eval_dataset (every image once; weight-0 padding dropped), so
 the pixels are exactly those of the trainer's evaluation and of the exported model.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from data import pipeline
+from data import datasets
 from data.files import atomic_write_text
 from trainer.report import figures
 
@@ -49,12 +49,14 @@ class Predictions:
 
 
 def predict_split(model, files, labels, *, image_size: int, batch_size: int,
-                  gallery_size: int = 24) -> Predictions:
+                  gallery_size: int = 24, dataset=None) -> Predictions:
     """Runs `model` (inference mode) once over every file; keeps up to `gallery_size`
-    misclassified images for the gallery."""
+    misclassified images for the gallery. `dataset`: the split's eval_dataset (e.g. from packed
+    data, data/source.py); default: read `files`."""
     files, labels = list(files), np.asarray(labels, np.int64)
-    dataset = pipeline.eval_dataset(files, labels.tolist(), image_size=image_size,
-                                    global_batch_size=batch_size, cache=False)
+    if dataset is None:
+        dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
+                                        global_batch_size=batch_size, cache="none")
     infer = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
     logits, gallery_index, gallery_images = [], [], []
     seen = 0

@@ -8,7 +8,7 @@ temporary folder beside it and renamed into place, so a half-written export neve
 a version number (TF Serving only looks at numeric folder names).
 
 The `serving_default` signature takes `images`, a 1-D string tensor of encoded JPEG/PNG (or
-GIF/BMP) files, decodes and resizes each with data.pipeline.decode_and_resize (the same function
+GIF/BMP) files, decodes and resizes each with data.decode.decode_and_resize (the same function
 as training and evaluation), and returns for each image the top-k `classes` (names, string),
 `probabilities` (float32, softmax) and `class_ids` (int32). The class names are constants
 inside the graph: loading needs TensorFlow only, not this project.
@@ -22,7 +22,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from data import pipeline
+from data import decode
 from models import registry
 
 SIGNATURE = "serving_default"
@@ -53,7 +53,7 @@ def _serving_fn(model: keras.Model, class_names: list[str], image_size: int, top
     names = tf.constant(class_names, tf.string)
 
     def serve(images):
-        pixels = tf.map_fn(lambda data: pipeline.decode_and_resize(data, image_size), images,
+        pixels = tf.map_fn(lambda data: decode.decode_and_resize(data, image_size), images,
                            fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                                              tf.uint8))
         logits = tf.cast(model(pixels, training=False), tf.float32)

@@ -1,0 +1,126 @@
+"""Decoded training images on disk (`--cache_images=disk`): memory stays flat whatever the
+dataset size, and no image is decoded twice.
+
+One input pipeline's items are decoded once, in order, into raw uint8 chunk files of
+`CHUNK_IMAGES` images [k, S, S, 3] under ``CACHE_DIR/decoded/<name>/`` (name: a hash of the
+source's identity, the image size and the pipeline's share). `index.json`, written last, holds
+the cache key (the source files' paths, sizes and modification times, or the packed shards'
+checksums; the image size; the TensorFlow version) and each chunk's item indices. A cache is
+used only when its key matches and every chunk has its exact size; otherwise it is deleted and
+rebuilt, with one line saying why. Chunks are written under temporary names and renamed.
+
+Training reads the chunks with `grouped_epochs` (data/datasets.py): `GROUP_CHUNKS` chunks at a
+time, permuted by (seed, epoch), their images permuted within the group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+from data.decode import read_and_resize
+from data.files import atomic_write_text
+
+CHUNK_IMAGES = 256
+GROUP_CHUNKS = 8
+VERSION = 1
+INDEX = "index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+    directory: str
+    sizes: tuple[int, ...]
+    indices: tuple[tuple[int, ...], ...]  # local item indices of each chunk
+    image_size: int
+
+    def path(self, number: int) -> str:
+        return os.path.join(self.directory, f"chunk-{number:06d}.raw")
+
+    def load_group(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Chunk ids -> (uint8 images [k, S, S, 3], local indices [k]), in id order."""
+        paths = tf.gather(tf.constant([self.path(i) for i in range(len(self.sizes))]), ids)
+        data = tf.strings.reduce_join(tf.map_fn(tf.io.read_file, paths,
+                                                fn_output_signature=tf.string))
+        side = self.image_size
+        images = tf.reshape(tf.io.decode_raw(data, tf.uint8), [-1, side, side, 3])
+        ragged = tf.RaggedTensor.from_row_lengths(
+            tf.constant([i for chunk in self.indices for i in chunk], tf.int64),
+            tf.constant(self.sizes, tf.int64))
+        return images, tf.gather(ragged, ids).flat_values
+
+
+def _usable(directory: str, key: str, image_size: int) -> Chunks | None:
+    try:
+        with open(os.path.join(directory, INDEX)) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if index.get("key") != key:
+        return None
+    chunks = Chunks(directory, tuple(len(c) for c in index["chunks"]),
+                    tuple(tuple(c) for c in index["chunks"]), image_size)
+    for number, size in enumerate(chunks.sizes):
+        path = chunks.path(number)
+        if not os.path.exists(path) or os.path.getsize(path) != size * image_size ** 2 * 3:
+            return None
+    return chunks
+
+
+def open_or_build(cache_dir: str, name: str, key: str, make_stream, image_size: int,
+                  log=None) -> Chunks:
+    """The chunks under CACHE_DIR/decoded/NAME for `key`, built from `make_stream()` (a
+    dataset of (uint8 images [k, S, S, 3], int64 local indices [k]) batches) when missing or
+    stale."""
+    if not cache_dir:
+        raise ValueError("a disk cache needs a cache directory")
+    log = log or (lambda message: None)
+    directory = os.path.join(cache_dir, "decoded", name)
+    chunks = _usable(directory, key, image_size)
+    if chunks is not None:
+        log(f"disk cache: reusing {directory} ({sum(chunks.sizes)} decoded images)")
+        return chunks
+    if os.path.exists(directory):
+        log(f"disk cache: rebuilding {directory} (the source files or the image size changed, "
+            f"or the cache is incomplete)")
+        shutil.rmtree(directory)
+    else:
+        log(f"disk cache: building {directory}")
+    os.makedirs(directory)
+    indices = []
+    for images, local in make_stream().rebatch(CHUNK_IMAGES).as_numpy_iterator():
+        path = os.path.join(directory, f"chunk-{len(indices):06d}.raw")
+        tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(np.ascontiguousarray(images, np.uint8).tobytes())
+        os.replace(tmp, path)
+        indices.append([int(i) for i in local])
+    atomic_write_text(os.path.join(directory, INDEX), json.dumps({"key": key,
+                                                                  "chunks": indices}))
+    log(f"disk cache: {sum(map(len, indices))} decoded images in {len(indices)} chunks")
+    return _usable(directory, key, image_size)
+
+
+def _digest(*parts) -> str:
+    digest = hashlib.sha256(f"{VERSION} {tf.__version__}".encode())
+    for part in parts:
+        digest.update(b"\0" + str(part).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def for_files(cache_dir: str, files: list[str], image_size: int, log=None) -> Chunks:
+    """The disk cache of one pipeline's image files (in the given order)."""
+    name = _digest("files", image_size, *[os.path.abspath(f) for f in files])[:24]
+    stats = [os.stat(f) for f in files]
+    key = _digest(name, *[(s.st_size, s.st_mtime_ns) for s in stats])
+
+    def make_stream():
+        ds = tf.data.Dataset.from_tensor_slices(list(files)).map(
+            lambda path: read_and_resize(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+        return tf.data.Dataset.zip(ds, tf.data.Dataset.range(len(files))).batch(CHUNK_IMAGES)
+    return open_or_build(cache_dir, name, key, make_stream, image_size, log)
