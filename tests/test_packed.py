@@ -15,7 +15,7 @@ from data import check, datasets, pack, source
 from data.augment import Augment
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
 from tests.test_resume import _kill_after_step, _latest_step, _model_variables
-from trainer.train import StepLossLog
+from trainer.loop.actions import StepLossLog
 
 
 @pytest.fixture(scope="module")

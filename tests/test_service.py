@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
 from tests.s3_server import free_ports, stop_process_group
-from trainer.train import StepLossLog
+from trainer.loop.actions import StepLossLog
 
 
 @pytest.fixture

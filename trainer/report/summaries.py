@@ -139,26 +139,3 @@ def write_histograms(writer, step: int, variables) -> None:
     with writer.as_default(step=step):
         for variable in variables:
             tf.summary.histogram(f"weights/{variable.path}", variable)
-
-
-class ProfileWindow:
-    """`tf.profiler` tracing over the loops that cover steps first..last (1-based, inclusive),
-    written to `logdir` (model_dir/train: the Profile tab with tensorboard-plugin-profile)."""
-
-    def __init__(self, steps: tuple[int, int] | None, logdir: str | None):
-        self.steps, self.logdir, self.active = (steps if logdir else None), logdir, False
-
-    def before_loop(self, first_step: int, last_step: int) -> None:
-        if self.steps and not self.active and first_step <= self.steps[1] and \
-                last_step >= self.steps[0]:
-            tf.profiler.experimental.start(self.logdir)
-            self.active = True
-
-    def after_loop(self, last_step: int) -> None:
-        if self.active and last_step >= self.steps[1]:
-            self.stop()
-
-    def stop(self) -> None:
-        if self.active:
-            tf.profiler.experimental.stop()
-            self.active = False
