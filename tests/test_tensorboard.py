@@ -180,6 +180,18 @@ def test_profile_traces_only_where_asked(parent_dir):
     assert not (parent_dir / "lr3" / "train" / "plugins").exists()
 
 
+def test_top_ops_of_the_trace_are_the_models_compute_with_self_times(parent_dir):
+    """bench.top_ops on the same trace: the convolutions are among the costliest op types, and
+    the loop's While op is not (its self time excludes the ops nested in it)."""
+    from bench import top_ops
+    times, counts = top_ops.op_self_times(top_ops.newest_trace(str(parent_dir / "lr1")))
+    ranked = sorted(times, key=lambda op: -times[op])
+    assert any("Conv2D" in op for op in ranked[:5]), ranked[:10]
+    assert all(ms >= 0 for ms in times.values())
+    assert times.get("While", 0) < max(times.values()) / 2
+    assert counts[ranked[0]] >= 2
+
+
 @pytest.mark.parametrize("value", ["5,2", "3", "a,b", "0,4", "1,2,3"])
 def test_bad_profile_steps_is_one_line_and_exit_2(value, tmp_path):
     result = subprocess.run(trainer_command(f"--data_dir={tmp_path}", f"--model_dir={tmp_path}",
