@@ -180,6 +180,26 @@ def test_profile_traces_only_where_asked(parent_dir):
     assert not (parent_dir / "lr3" / "train" / "plugins").exists()
 
 
+def test_top_ops_of_the_trace_are_the_models_compute_with_self_times(parent_dir):
+    """bench.top_ops on the same trace: the convolutions are among the costliest op types."""
+    from bench import top_ops
+    times, counts = top_ops.op_self_times(top_ops.newest_trace(str(parent_dir / "lr1")))
+    ranked = sorted(times, key=lambda op: -times[op])
+    assert any("Conv2D" in op for op in ranked[:5]), ranked[:10]
+    assert all(ms >= 0 for ms in times.values())
+    assert counts[ranked[0]] >= 2
+
+
+def test_top_ops_self_time_subtracts_the_ops_nested_in_an_op():
+    from bench import top_ops
+    events = [(0, 100, "While"), (10, 30, "Conv2D"), (15, 5, "Cast"), (50, 20, "Mul"),
+              (200, 7, "Mul")]
+    assert sorted(top_ops._self_times(events)) == sorted(
+        [("While", 50), ("Conv2D", 25), ("Cast", 5), ("Mul", 20), ("Mul", 7)])
+    assert top_ops._op_type("model/conv1/Conv2D:_MklNativeConv2D") == "_MklNativeConv2D"
+    assert top_ops._op_type("ExecutorState::Process") is None
+
+
 @pytest.mark.parametrize("value", ["5,2", "3", "a,b", "0,4", "1,2,3"])
 def test_bad_profile_steps_is_one_line_and_exit_2(value, tmp_path):
     result = subprocess.run(trainer_command(f"--data_dir={tmp_path}", f"--model_dir={tmp_path}",
