@@ -640,6 +640,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"decode every file; do not read or write DATA_DIR/{CACHE_NAME}")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from data import source
+    if source.is_packed(args.data_dir):  # checked when packed: its report, and the shards now
+        try:
+            source.verify_shards(source.read_manifest(args.data_dir))
+        except source.DataError as e:
+            print(f"data.check: {e}", file=sys.stderr)
+            return 1
+        with open(os.path.join(args.data_dir, REPORT_NAME + ".txt"), encoding="utf-8") as f:
+            sys.stdout.write(f.read())
+        print(f"(packed data: the check ran when {args.data_dir} was packed; every shard "
+              f"matches its manifest)")
+        return 0
     cache_path = None if args.no_cache else default_cache_path(args.data_dir)
     try:
         result = scan(args.data_dir, skip_unknown_classes=args.skip_unknown_classes,

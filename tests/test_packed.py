@@ -144,6 +144,10 @@ def test_a_truncated_or_corrupt_shard_is_one_line_naming_it(packed_dir, tmp_path
     assert result.stderr.strip().splitlines()[-1] == (
         f"trainer: packed shard {shard}: {len(data) // 2} bytes, the manifest says {len(data)} "
         f"(truncated or replaced; re-run data.pack or the sync)")
+    checked = subprocess.run([sys.executable, "-m", "data.check", f"--data_dir={bad}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 1 and checked.stderr.strip().startswith(
+        f"data.check: packed shard {shard}: ") and len(checked.stderr.strip().splitlines()) == 1
     # Same size, one byte changed: the checksum finds it.
     shard.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
     with pytest.raises(source.DataError, match=f"packed shard {shard}: SHA-256 differs"):
