@@ -103,15 +103,32 @@ class EvalFigures:
 
 
 class TrackBest:
-    """Keeps the checkpoint of the best valid accuracy (checkpoints/best/)."""
+    """Keeps the checkpoint of the best --best_metric (checkpoints/best/); with
+    --early_stopping_patience=N asks the controller to stop after N valid evaluations without
+    improvement (the count is in the checkpoint, so a restart stops where a whole run would)."""
 
     def __init__(self, state: RunState):
         self.state = state
 
     def after_evaluation(self, split: str, step: int, values: dict) -> None:
         if split == "valid":  # a full checkpoint (with the averages under --ema_decay)
-            self.state.best.update(step, values["accuracy"])
-            log(f"  {self.state.best.describe()}")
+            best = self.state.best
+            best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"])
+            log(f"  {best.describe()}")
+
+    def stop_reason(self) -> str | None:
+        return early_stopping_reason(self.state)
+
+
+def early_stopping_reason(state: RunState) -> str | None:
+    """One line saying why the run stops early, or None while it goes on."""
+    patience = state.config.early_stopping_patience
+    since = state.best.evaluations_since_best
+    if not patience or since < patience:
+        return None
+    return (f"early stopping at step {state.current_step}: {state.best.metric} has not improved "
+            f"for {since} evaluations (--early_stopping_patience={patience}); "
+            f"{state.best.describe()}")
 
 
 class NonFiniteGuard:

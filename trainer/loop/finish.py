@@ -1,6 +1,8 @@
 """Finishing: the phase after the last training step, in this order:
 
-  1. the final checkpoint (unless the latest one already holds the last step)
+  1. the final checkpoint (unless the latest one already holds the last step); when early
+     stopping ended the run, the model then takes the best checkpoint's weights, and every
+     output below holds those (results.json: "weights_step", "stopped")
   2. the final evaluation of every split (valid also updates the best checkpoint)
   3. model.keras (written under a temporary name, then renamed)
   4. the SavedModel export (export/<step>/, staged then renamed; trainer/tools/serving.py)
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import os
 import time
+
+import tensorflow as tf
 
 from trainer.loop.controller import Controller
 from trainer.state import run_dir
@@ -36,9 +40,12 @@ def finish(controller: Controller, run_start: float) -> dict:
     with controller.reporter.overhead():
         s.keeper.save_at_end(step)
     controller.freeze.close()  # a frozen backbone is unfrozen: the saved model is trainable
+    weights_step = _restore_best_weights(s) if controller.stopped_early else step
     results = {"steps": step, "epochs": step / plan.steps_per_epoch, "splits": {},
                "weights": f"moving average (--ema_decay={config.ema_decay:g})"
-               if s.weight_average else "trained"}
+               if s.weight_average else "trained",
+               "weights_step": weights_step,
+               "stopped": controller.stopped_early or "end of schedule"}
     for split in s.inputs.eval_splits:
         _stop_if_asked(controller)
         results["splits"][split] = controller.evaluate(split, step, final=True)
@@ -64,6 +71,20 @@ def finish(controller: Controller, run_start: float) -> dict:
     run_dir.write_json(path, results)
     print(f"results written to {path}", flush=True)
     return results
+
+
+def _restore_best_weights(s) -> int:
+    """The best checkpoint's model weights (and averages) into the model; its step. The run's
+    counters and optimizer stay those of the last step (a restart finishes the same way)."""
+    best = s.best.summary()
+    parts = {"model": s.model}
+    if s.weight_average:
+        parts["ema"] = s.weight_average.trackable
+    tf.train.Checkpoint(**parts).restore(best["path"]).expect_partial() \
+        .assert_existing_objects_matched()
+    print(f"the outputs hold the best checkpoint's weights: step {best['step']} "
+          f"({best['metric']} {best['value']:.4f})", flush=True)
+    return int(best["step"])
 
 
 def _save_model_file(s) -> str:

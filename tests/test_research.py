@@ -1,0 +1,169 @@
+"""Issue 17: results a researcher can trust. Per-class recall and balanced accuracy (exact
+across replicas), --best_metric and early stopping (the right evaluation, the best checkpoint's
+weights in every output, a patience count that survives a restart), ...
+
+One short demo run with early stopping is trained per module and reused (one device, 32 px).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import FAST_DEMO_FLAGS, run_trainer
+from trainer.loop.step import Metrics, StepFunctions
+
+PATIENCE = 2
+EARLY_FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=80", "--eval_every_steps=5",
+               f"--early_stopping_patience={PATIENCE}", "--best_metric=valid/loss",
+               "--distribution_strategy=one_device", "--noeval_figures")
+
+
+@pytest.fixture(scope="module")
+def early_run(demo_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("research") / "run"
+    args = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *EARLY_FLAGS)
+    result = run_trainer(*args)
+    return model_dir, args, result.stdout, json.loads((model_dir / "results.json").read_text())
+
+
+def _valid_losses(stdout: str) -> dict[int, float]:
+    """step -> valid loss of each evaluation during training, from the console."""
+    losses, step = {}, None
+    for line in stdout.splitlines():
+        match = re.match(r"epoch \d+ step (\d+)/", line)
+        if match:
+            step = int(match.group(1))
+        match = re.match(r"  valid loss (\S+) acc", line)
+        if match:
+            losses[step] = float(match.group(1))
+    return losses
+
+
+# --- per-class recall and balanced accuracy ------------------------------------------------------
+def test_per_class_recall_is_exact_across_two_replicas(two_replicas):
+    num_classes = 4
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 0, 1, 0, 2], "int32")  # class 3 absent
+    predicted = np.array([0, 1, 0, 1, 1, 2, 0, 0, 0, 3, 0, 2], "int32")
+    logits = np.eye(num_classes, dtype="float32")[predicted] * 5.0
+    weights = np.ones(len(labels), "float32")
+    weights[-2:] = 0.0  # padding: not counted
+    with two_replicas.scope():
+        model = keras.Sequential([keras.Input((num_classes,)), keras.layers.Identity()])
+        optimizer = keras.optimizers.SGD()
+        optimizer.build(model.trainable_variables)
+        eval_metrics = Metrics.create("b", num_classes)
+    steps = StepFunctions(two_replicas, model, optimizer, global_batch_size=4,
+                          train_metrics=Metrics.create("a"), eval_metrics=eval_metrics)
+    dataset = tf.data.Dataset.from_tensor_slices((logits, labels, weights)).batch(4)
+    steps.eval_loop(two_replicas.experimental_distribute_dataset(dataset))
+    values = eval_metrics.results()
+    counted = weights > 0
+    expected = [float(np.mean(predicted[counted & (labels == c)] == c)) for c in range(3)]
+    assert values["per_class_recall"][:3] == pytest.approx(expected)
+    assert values["per_class_recall"][3] is None
+    assert values["balanced_accuracy"] == pytest.approx(np.mean(expected))
+    assert values["images"] == 10
+
+
+# --- best metric and early stopping --------------------------------------------------------------
+def test_early_stopping_stops_at_the_right_evaluation_and_outputs_the_best(early_run):
+    model_dir, _, stdout, results = early_run
+    losses = _valid_losses(stdout)
+    steps = sorted(losses)
+    # Replay the rule: stop at the first evaluation that is the PATIENCE-th without a lower loss.
+    best_step, since, stop_step = steps[0], 0, None
+    for step in steps[1:]:
+        if losses[step] < losses[best_step]:
+            best_step, since = step, 0
+        else:
+            since += 1
+        if since >= PATIENCE:
+            stop_step = step
+            break
+    assert stop_step is not None and stop_step < 80, losses  # the run did stop early
+    assert steps[-1] == stop_step  # ... and evaluated no further
+    assert results["steps"] == stop_step and results["weights_step"] == best_step
+    assert results["stopped"].startswith(f"early stopping at step {stop_step}: valid/loss has "
+                                         f"not improved for {PATIENCE} evaluations")
+    assert results["stopped"] in stdout
+    assert results["best_checkpoint"]["metric"] == "valid/loss"
+    assert results["best_checkpoint"]["step"] == best_step
+    # The final valid evaluation is of the best weights, and so is the exported model file.
+    assert round(results["splits"]["valid"]["loss"], 4) == losses[best_step]
+    from trainer.state.run_dir import SavedRun
+    run = SavedRun.load(str(model_dir))
+    best_model = run.restore_model(run.checkpoint_path("best"))
+    exported = keras.models.load_model(model_dir / "model.keras")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(exported(images), best_model(images), atol=1e-5)
+    assert results["export_dir"].endswith(f"export/{stop_step}")
+
+
+def test_a_restart_of_an_early_stopped_run_trains_nothing(early_run):
+    model_dir, args, _, results = early_run
+    again = run_trainer(*args)
+    assert f"is finished ({results['steps']} of 80 steps, stopped early)" in again.stdout
+    assert not re.search(r"^epoch \d+ step", again.stdout, re.MULTILINE)
+
+
+def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
+    from trainer.state.checkpoints import BestCheckpoint
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    checkpoint = tf.train.Checkpoint(model=model)
+    best = BestCheckpoint(str(tmp_path / "best"), checkpoint, metric="valid/loss")
+    assert best.update(5, 1.0) and not best.update(10, 1.5)
+    saved = checkpoint.write(str(tmp_path / "ckpt"))  # the latest checkpoint at step 10
+    assert best.update(15, 0.5)  # a later best (best.json now names step 15)
+    # A restart from the step-10 checkpoint counts from step 5's record, not best.json's.
+    again_checkpoint = tf.train.Checkpoint(model=model)
+    again = BestCheckpoint(str(tmp_path / "best"), again_checkpoint, metric="valid/loss")
+    again_checkpoint.read(saved).assert_existing_objects_matched()
+    assert again.evaluations_since_best == 1
+    assert not again.update(15, 1.2) and again.evaluations_since_best == 2
+    # A changed metric starts anew: the first evaluation is the best.
+    other = BestCheckpoint(str(tmp_path / "best"), again_checkpoint, metric="valid/accuracy")
+    assert other.update(20, 0.3) and other.evaluations_since_best == 0
+
+
+# --- class weights ---------------------------------------------------------------------------------
+def _demo_batch(demo_dir, per_class: dict[int, int]):
+    """Real demo JPEGs (train split) decoded to [N, 32, 32, 3]: per_class[c] images of class c."""
+    from PIL import Image
+    classes = sorted(p.name for p in (demo_dir / "train").iterdir())
+    images, labels = [], []
+    for label, count in per_class.items():
+        for path in sorted((demo_dir / "train" / classes[label]).iterdir())[:count]:
+            images.append(np.asarray(Image.open(path).convert("RGB").resize((32, 32))))
+            labels.append(label)
+    return np.stack(images).astype("float32"), np.array(labels, "int32")
+
+
+def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo_dir):
+    from trainer.state.run_state import balanced_class_weights
+    images, labels = _demo_batch(demo_dir, {0: 6, 1: 1, 2: 1})  # 8 images, class 0 common
+    weights = balanced_class_weights(labels, 4)
+    np.testing.assert_allclose(weights, [8 / (4 * 6), 8 / 4, 8 / 4, 0.0])
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4)])
+    plain_ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, model(images)).numpy()
+    soft = np.eye(4, dtype="float32")[labels] * 0.5 + np.eye(4, dtype="float32")[
+        (labels + 1) % 4] * 0.5  # MixUp-like targets: half this class, half the next
+    soft_ce = tf.nn.softmax_cross_entropy_with_logits(soft, model(images)).numpy()
+    strategy = tf.distribute.get_strategy()  # the default (one device): the plain formula
+    for targets, ce, example_weight in ((labels, plain_ce, weights[labels]),
+                                        (soft, soft_ce, soft @ weights)):
+        optimizer = keras.optimizers.SGD(learning_rate=0.0)
+        optimizer.build(model.trainable_variables)
+        steps = StepFunctions(strategy, model, optimizer, global_batch_size=8,
+                              train_metrics=Metrics.create("a"), eval_metrics=Metrics.create("b"),
+                              class_weights=weights, time_input=False)
+        dataset = tf.data.Dataset.from_tensors((images, targets, np.ones(8, "float32")))
+        losses, _ = steps.train_loop(iter(dataset.repeat()), tf.constant(1))
+        assert float(losses[0]) == pytest.approx(float(np.mean(ce * example_weight)), rel=1e-5)
+        assert float(losses[0]) != pytest.approx(float(np.mean(ce)), rel=1e-3)
