@@ -1,6 +1,7 @@
 """Issue 17: results a researcher can trust. Per-class recall and balanced accuracy (exact
 across replicas), --best_metric and early stopping (the right evaluation, the best checkpoint's
-weights in every output, a patience count that survives a restart), ...
+weights in every output, a patience count that survives a restart), --class_weight=balanced,
+temperature calibration and the calibrated serving signature with --unknown_below, ...
 
 One short demo run with early stopping is trained per module and reused (one device, 32 px).
 """
@@ -18,9 +19,15 @@ from tests.conftest import FAST_DEMO_FLAGS, run_trainer
 from trainer.loop.step import Metrics, StepFunctions
 
 PATIENCE = 2
+UNKNOWN_BELOW = 0.5
 EARLY_FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=80", "--eval_every_steps=5",
                f"--early_stopping_patience={PATIENCE}", "--best_metric=valid/loss",
                "--distribution_strategy=one_device", "--noeval_figures")
+# A run trained to about 80% accuracy, its export calibrated (the early-stopped one is too
+# little trained for calibration to mean much).
+CALIBRATED_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=10", "--train_steps=40",
+                    "--distribution_strategy=one_device", "--noeval_figures",
+                    f"--unknown_below={UNKNOWN_BELOW}")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,13 @@ def early_run(demo_dir, tmp_path_factory):
     args = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *EARLY_FLAGS)
     result = run_trainer(*args)
     return model_dir, args, result.stdout, json.loads((model_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(demo_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("calibrated") / "run"
+    result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *CALIBRATED_FLAGS)
+    return model_dir, result.stdout, json.loads((model_dir / "results.json").read_text())
 
 
 def _valid_losses(stdout: str) -> dict[int, float]:
@@ -167,3 +181,82 @@ def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo
         losses, _ = steps.train_loop(iter(dataset.repeat()), tf.constant(1))
         assert float(losses[0]) == pytest.approx(float(np.mean(ce * example_weight)), rel=1e-5)
         assert float(losses[0]) != pytest.approx(float(np.mean(ce)), rel=1e-3)
+
+
+# --- calibration and the calibrated export ---------------------------------------------------------
+def _split_logits(model_dir, demo_dir, split):
+    from data import layout
+    from trainer.tools import analysis
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        for path in sorted((demo_dir / split / name).iterdir()):
+            files.append(str(path))
+            labels.append(label)
+    model = keras.models.load_model(model_dir / "model.keras")
+    predictions = analysis.predict_split(model, files, labels, image_size=32, batch_size=64,
+                                         gallery_size=0)
+    return model, files, predictions.logits, np.array(labels)
+
+
+def test_the_temperature_lowers_the_valid_ece_and_keeps_every_top1(calibrated_run, demo_dir):
+    from trainer.tools import calibration
+    model_dir, stdout, results = calibrated_run
+    calibrated = results["calibration"]
+    valid = calibrated["valid"]
+    assert valid["ece_after"] < valid["ece_before"]
+    assert valid["nll_after"] < valid["nll_before"]
+    assert calibrated["test"]["accuracy_after"] == calibrated["test"]["accuracy_before"]
+    assert f"calibration on valid: ECE {valid['ece_before']:.4f} -> {valid['ece_after']:.4f}" \
+        in stdout
+    # Recomputed from the exported model file's logits: the same temperature and ECE.
+    _, _, logits, labels = _split_logits(model_dir, demo_dir, "valid")
+    temperature = calibration.fit_temperature(logits, labels)
+    assert temperature == pytest.approx(calibrated["temperature"], rel=1e-3)
+    scaled = calibration.softmax(logits, temperature)
+    assert calibration.reliability(scaled, labels).ece == pytest.approx(valid["ece_after"],
+                                                                       abs=1e-4)
+    np.testing.assert_array_equal(scaled.argmax(1), logits.argmax(1))
+    assert (model_dir / "eval").is_dir()
+
+
+def test_the_signature_returns_the_calibrated_softmax_and_unknown(calibrated_run, demo_dir):
+    from trainer.tools import calibration
+    model_dir, _, results = calibrated_run
+    temperature = results["calibration"]["temperature"]
+    export = model_dir / "export" / str(results["steps"])
+    assert json.loads((export / "calibration.json").read_text()) == {
+        "temperature": temperature, "unknown_below": UNKNOWN_BELOW}
+    model, files, logits, _ = _split_logits(model_dir, demo_dir, "test")
+    served = tf.saved_model.load(str(export)).signatures["serving_default"](
+        images=tf.constant([open(f, "rb").read() for f in files]))
+    expected = calibration.softmax(logits, temperature)
+    top = np.argsort(-expected, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(served["class_ids"].numpy()[:, 0], top[:, 0])
+    np.testing.assert_allclose(served["probabilities"].numpy(),
+                               np.take_along_axis(expected, top, 1), atol=1e-5)
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    first = [name.decode() for name in served["classes"].numpy()[:, 0]]
+    unsure = expected.max(1) < UNKNOWN_BELOW
+    assert 0 < unsure.sum() < len(files), expected.max(1)  # both kinds among these images
+    assert first == ["unknown" if u else class_names[i] for u, i in zip(unsure, top[:, 0])]
+
+
+def test_the_export_tool_applies_the_run_temperature_to_its_weights(calibrated_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    model_dir, _, results = calibrated_run
+    tool = [sys.executable, "-m", "trainer.export", f"--model_dir={model_dir}",
+            f"--export_root={tmp_path}", "--unknown_below=0.3"]
+    done = subprocess.run(tool, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    temperature = results["calibration"]["temperature"]
+    assert f"temperature {temperature:.4g} (fitted on valid for step 40)" in done.stdout
+    assert json.loads((tmp_path / "40" / "calibration.json").read_text()) == {
+        "temperature": temperature, "unknown_below": 0.3}
+    bad = subprocess.run(tool + ["--temperature=-1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=180)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--temperature must be auto or a number > 0" in bad.stderr

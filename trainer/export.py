@@ -1,9 +1,10 @@
 """Export a run's checkpoint for serving:
 
     python -m trainer.export --model_dir=DIR [--checkpoint=latest|best|PATH] [--version=step]
+                             [--temperature=auto|T] [--unknown_below=P]
 
 Writes model_dir/export/<version>/ (a SavedModel whose serving_default signature takes encoded
-images and returns the top-k class names and probabilities, plus model.keras); see
+images and returns the top-k class names and calibrated probabilities, plus model.keras); see
 trainer/serving.py. Training exports its final model the same way.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from trainer.tools import tool_flags
 from absl import flags  # noqa: E402
 
-from trainer.state.run_dir import RunError, SavedRun  # noqa: E402
+from trainer.state.run_dir import RunError, SavedRun, read_json  # noqa: E402
 
 PROGRAM = "export"
 
@@ -28,6 +29,11 @@ flags.DEFINE_string("export_root", None, "Parent of the version folders (default
 flags.DEFINE_integer("top_k", 5, "Classes returned per image (at most the number of classes).",
                      lower_bound=1)
 flags.DEFINE_boolean("overwrite", False, "Replace an existing export of the same version.")
+flags.DEFINE_string("temperature", "auto", "Divide the logits by this before the softmax: a "
+                    "number > 0, or `auto`: the run's calibration temperature (results.json) "
+                    "when the checkpoint holds the weights it was fitted for, else 1.")
+flags.DEFINE_float("unknown_below", 0.0, "Name the top-1 class `unknown` when its probability "
+                   "is below this; 0: off.", lower_bound=0.0, upper_bound=1.0)
 flags.mark_flag_as_required("model_dir")
 
 
@@ -36,7 +42,28 @@ def _version_ok(value: str) -> bool:
     return value in ("step", "timestamp") or value.isdigit()
 
 
+@flags.validator("temperature", message="--temperature must be auto or a number > 0")
+def _temperature_ok(value: str) -> bool:
+    try:
+        return value == "auto" or float(value) > 0
+    except ValueError:
+        return False
+
+
 FLAGS = flags.FLAGS
+
+
+def _temperature(run: SavedRun, step: int | None) -> tuple[float, str]:
+    """--temperature as a number, and where it came from."""
+    if FLAGS.temperature != "auto":
+        return float(FLAGS.temperature), "--temperature"
+    path = os.path.join(run.model_dir, "results.json")
+    results = read_json(path) if os.path.exists(path) else {}
+    calibrated = results.get("calibration")
+    if calibrated and step is not None and results.get("weights_step", results.get("steps")) \
+            == step:
+        return float(calibrated["temperature"]), f"fitted on valid for step {step}"
+    return 1.0, "uncalibrated: no calibration of this checkpoint's weights in results.json"
 
 
 def main(argv: list[str]) -> int:
@@ -57,15 +84,19 @@ def main(argv: list[str]) -> int:
                                    f"(versions are never overwritten; pass --overwrite or "
                                    f"another --version)")
     model = run.restore_model(checkpoint)
+    temperature, source = _temperature(run, step)
     try:
         path = serving.export(model, run.class_names, run.image_size, export_root, version,
-                              top_k=FLAGS.top_k, overwrite=FLAGS.overwrite)
+                              top_k=FLAGS.top_k, overwrite=FLAGS.overwrite,
+                              temperature=temperature, unknown_below=FLAGS.unknown_below)
     except serving.ExportError as e:
         raise tool_flags.ToolError(str(e)) from None
     print(f"exported checkpoint {checkpoint} (step {step}) to {path}: SavedModel "
           f"(signature {serving.SIGNATURE}: {serving.INPUT_NAME} = encoded images -> top "
           f"{min(FLAGS.top_k, len(run.class_names))} classes, probabilities) and "
-          f"{os.path.join(path, serving.KERAS_FILE)}")
+          f"{os.path.join(path, serving.KERAS_FILE)}; temperature {temperature:.4g} ({source})"
+          + (f", top-1 below {FLAGS.unknown_below:g} named {serving.UNKNOWN}"
+             if FLAGS.unknown_below else ""))
     return 0
 
 
