@@ -260,3 +260,43 @@ def test_the_export_tool_applies_the_run_temperature_to_its_weights(calibrated_r
                          timeout=180)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "--temperature must be auto or a number > 0" in bad.stderr
+
+
+# --- TFLite -----------------------------------------------------------------------------------------
+def _tflite_probabilities(path, pixels: np.ndarray) -> np.ndarray:
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], pixels.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def test_the_tflite_models_agree_with_the_saved_model_on_the_test_split(calibrated_run, demo_dir,
+                                                                         tmp_path):
+    import subprocess
+    import sys
+
+    from data import pipeline
+    from tests.conftest import REPO
+    model_dir, _, results = calibrated_run
+    done = subprocess.run([sys.executable, "-m", "trainer.export", f"--model_dir={model_dir}",
+                           "--format=tflite", f"--export_root={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "40"
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    assert json.loads((out / "classes.json").read_text()) == class_names
+    files = sorted(str(p) for p in (demo_dir / "test").rglob("*.jpg"))
+    encoded = [open(f, "rb").read() for f in files]
+    served = tf.saved_model.load(str(model_dir / "export" / "40")).signatures[
+        "serving_default"](images=tf.constant(encoded))
+    pixels = np.stack([pipeline.decode_and_resize(tf.constant(data), 32).numpy()
+                       for data in encoded]).astype("float32")
+    float32 = _tflite_probabilities(out / "model.tflite", pixels)
+    np.testing.assert_array_equal(float32.argmax(1), served["class_ids"].numpy()[:, 0])
+    np.testing.assert_allclose(float32.max(1), served["probabilities"].numpy()[:, 0], atol=1e-4)
+    # float16 weights round each weight to 11 significant bits: a near-tie may flip.
+    float16 = _tflite_probabilities(out / "model_float16.tflite", pixels)
+    assert np.mean(float16.argmax(1) == float32.argmax(1)) >= 0.99
+    assert len(files) == 270

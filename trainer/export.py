@@ -1,7 +1,7 @@
 """Export a run's checkpoint for serving:
 
     python -m trainer.export --model_dir=DIR [--checkpoint=latest|best|PATH] [--version=step]
-                             [--temperature=auto|T] [--unknown_below=P]
+                             [--temperature=auto|T] [--unknown_below=P] [--format=tflite]
 
 Writes model_dir/export/<version>/ (a SavedModel whose serving_default signature takes encoded
 images and returns the top-k class names and calibrated probabilities, plus model.keras); see
@@ -29,6 +29,11 @@ flags.DEFINE_string("export_root", None, "Parent of the version folders (default
 flags.DEFINE_integer("top_k", 5, "Classes returned per image (at most the number of classes).",
                      lower_bound=1)
 flags.DEFINE_boolean("overwrite", False, "Replace an existing export of the same version.")
+flags.DEFINE_enum("format", "saved_model", ["saved_model", "tflite"], "saved_model: TF "
+                  "Serving's layout under export_root (default model_dir/export); tflite: "
+                  "model.tflite (float32) and model_float16.tflite (float16 weights) taking "
+                  "resized pixels, with classes.json, under export_root (default "
+                  "model_dir/tflite).")
 flags.DEFINE_string("temperature", "auto", "Divide the logits by this before the softmax: a "
                     "number > 0, or `auto`: the run's calibration temperature (results.json) "
                     "when the checkpoint holds the weights it was fitted for, else 1.")
@@ -78,13 +83,23 @@ def main(argv: list[str]) -> int:
                                    f"step; pass --version=timestamp or an integer")
     version = {"step": step, "timestamp": int(time.time())}.get(FLAGS.version) \
         if FLAGS.version in ("step", "timestamp") else int(FLAGS.version)
-    export_root = FLAGS.export_root or os.path.join(run.model_dir, "export")
+    export_root = FLAGS.export_root or os.path.join(
+        run.model_dir, "tflite" if FLAGS.format == "tflite" else "export")
     if os.path.exists(os.path.join(export_root, str(version))) and not FLAGS.overwrite:
         raise tool_flags.ToolError(f"{os.path.join(export_root, str(version))} already exists "
                                    f"(versions are never overwritten; pass --overwrite or "
                                    f"another --version)")
     model = run.restore_model(checkpoint)
     temperature, source = _temperature(run, step)
+    if FLAGS.format == "tflite":
+        path = serving.export_tflite(model, run.class_names, run.image_size, export_root,
+                                     version, temperature=temperature,
+                                     unknown_below=FLAGS.unknown_below, overwrite=FLAGS.overwrite)
+        print(f"exported checkpoint {checkpoint} (step {step}) to {path}: "
+              f"{', '.join(serving.TFLITE_FILES.values())} (pixels [N, {run.image_size}, "
+              f"{run.image_size}, 3] in 0-255 -> probabilities), classes.json; temperature "
+              f"{temperature:.4g} ({source})")
+        return 0
     try:
         path = serving.export(model, run.class_names, run.image_size, export_root, version,
                               top_k=FLAGS.top_k, overwrite=FLAGS.overwrite,

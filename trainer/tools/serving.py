@@ -117,6 +117,63 @@ def export(model: keras.Model, class_names: list[str], image_size: int, export_r
     return final
 
 
+TFLITE_FILES = {"float32": "model.tflite", "float16": "model_float16.tflite"}
+
+
+def _tflite_bytes(model: keras.Model, image_size: int, temperature: float,
+                  float16: bool) -> bytes:
+    """The TFLite flatbuffer of pixels -> calibrated probabilities. It goes through a SavedModel:
+    converting the tf.function directly (from_concrete_functions) leaves Keras 3's variables
+    unfrozen, and the model then returns NaN (XNNPACK) or fails to read them."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name=SIGNATURE, fn=lambda pixels: {"probabilities": calibrated_probabilities(
+            model(pixels, training=False), float(temperature))},
+        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
+                                       name="pixels")])
+    with tempfile.TemporaryDirectory(prefix="tflite-saved-model-") as saved:
+        archive.write_out(saved, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
+        if float16:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
+
+
+def export_tflite(model: keras.Model, class_names: list[str], image_size: int, export_root: str,
+                  version: int, *, temperature: float = 1.0, unknown_below: float = 0.0,
+                  overwrite: bool = False) -> str:
+    """Writes export_root/<version>/ with model.tflite (float32), model_float16.tflite (float16
+    weights, computed in float32), classes.json and calibration.json (T, and the
+    `unknown_below` threshold for the app to apply); returns its path. Each
+    model takes `pixels`, float32 [N, image_size, image_size, 3] in 0-255 (the image decoded and
+    resized as data.pipeline.decode_and_resize does: TFLite has no JPEG decoder) and returns
+    `probabilities` [N, classes], softmax(logits / temperature). Staged, then renamed."""
+    final = os.path.join(export_root, str(int(version)))
+    if os.path.exists(final) and not overwrite:
+        raise ExportError(f"{final} already exists (versions are never overwritten; pass "
+                          f"--overwrite or another --version)")
+    os.makedirs(export_root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
+    try:
+        for kind, name in TFLITE_FILES.items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(_tflite_bytes(model, image_size, temperature, float16=kind == "float16"))
+        with open(os.path.join(staging, "classes.json"), "w") as f:
+            json.dump(list(class_names), f, indent=2)
+        with open(os.path.join(staging, CALIBRATION_FILE), "w") as f:
+            json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
+                      f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
 def versions(export_root: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(export_root)
                   if name.isdigit() and os.path.isdir(os.path.join(export_root, name)))
