@@ -300,3 +300,49 @@ def test_the_tflite_models_agree_with_the_saved_model_on_the_test_split(calibrat
     float16 = _tflite_probabilities(out / "model_float16.tflite", pixels)
     assert np.mean(float16.argmax(1) == float32.argmax(1)) >= 0.99
     assert len(files) == 270
+
+
+# --- duplicates and leakage in the data check --------------------------------------------------------
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A photo set (data/photos.py, 160 px) with an exact copy of a train image planted in test
+    and a 0.6x resized, re-encoded copy of another planted in valid."""
+    from PIL import Image
+
+    from data import photos
+    root = tmp_path_factory.mktemp("planted") / "photos"
+    photos.build(str(root), image_size=160, num_classes=4, per_class=16, eval_per_class=4)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    exact_source = sorted((root / "train" / classes[0]).iterdir())[3]
+    exact_copy = root / "test" / classes[0] / "copy_of_train.jpg"
+    exact_copy.write_bytes(exact_source.read_bytes())
+    resized_source = sorted((root / "train" / classes[2]).iterdir())[5]
+    resized_copy = root / "valid" / classes[2] / "resized_copy.jpg"
+    image = Image.open(resized_source)
+    image.resize((int(image.width * 0.6), int(image.height * 0.6))).save(resized_copy, quality=80)
+    rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    return root, (rel(exact_copy), rel(exact_source)), (rel(resized_source), rel(resized_copy))
+
+
+def test_the_data_check_finds_a_planted_copy_and_a_resized_copy_across_splits(planted,
+                                                                              tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    root, exact, resized = planted
+    for attempt in ("decoded", "cached"):  # the hashes are cached with the other results
+        done = subprocess.run([sys.executable, "-m", "data.check", f"--data_dir={root}",
+                               f"--json={tmp_path / 'report.json'}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        leakage = done.stdout.split("train/valid/test leakage")[1].split("within a split")[0]
+        assert f"{exact[0]} <-> {exact[1]} (same bytes)" in leakage, (attempt, done.stdout)
+        assert re.search(re.escape(f"{resized[0]} <-> {resized[1]} (near, ") + r"\d+ bits apart",
+                         leakage), (attempt, done.stdout)
+        report = json.loads((tmp_path / "report.json").read_text())
+        pairs = {tuple(d["files"]): d for d in report["duplicates"]}
+        assert pairs[exact]["kind"] == "exact" and pairs[exact]["splits"] == ["test", "train"]
+        assert pairs[resized]["kind"] == "near" and pairs[resized]["splits"] == ["train", "valid"]
+        assert "image pair(s) in two splits (train/valid/test leakage" in done.stdout
+    assert "(0 files decoded" in done.stdout
