@@ -27,7 +27,7 @@ EARLY_FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=80", "--eval_every_steps=5",
 # little trained for calibration to mean much).
 CALIBRATED_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=10", "--train_steps=40",
                     "--distribution_strategy=one_device", "--noeval_figures",
-                    f"--unknown_below={UNKNOWN_BELOW}")
+                    f"--unknown_below={UNKNOWN_BELOW}", "--high_loss_scan=100000")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,21 @@ def early_run(demo_dir, tmp_path_factory):
     return model_dir, args, result.stdout, json.loads((model_dir / "results.json").read_text())
 
 
+MISLABELLED = 3  # images of `one` planted in train/seven
+
+
 @pytest.fixture(scope="module")
 def calibrated_run(demo_dir, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("calibrated") / "run"
-    result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *CALIBRATED_FLAGS)
+    """The demo data with MISLABELLED `one` images moved into train/seven (valid and test as
+    they are), trained for 40 steps."""
+    import shutil
+    root = tmp_path_factory.mktemp("calibrated")
+    data = root / "data"
+    shutil.copytree(demo_dir, data, ignore=shutil.ignore_patterns(".check_cache.json"))
+    for i, path in enumerate(sorted((data / "train" / "one").iterdir())[:MISLABELLED]):
+        path.rename(data / "train" / "seven" / f"mislabelled_{i}.jpg")
+    model_dir = root / "run"
+    result = run_trainer(f"--data_dir={data}", f"--model_dir={model_dir}", *CALIBRATED_FLAGS)
     return model_dir, result.stdout, json.loads((model_dir / "results.json").read_text())
 
 
@@ -346,3 +357,41 @@ def test_the_data_check_finds_a_planted_copy_and_a_resized_copy_across_splits(pl
         assert pairs[resized]["kind"] == "near" and pairs[resized]["splits"] == ["train", "valid"]
         assert "image pair(s) in two splits (train/valid/test leakage" in done.stdout
     assert "(0 files decoded" in done.stdout
+
+
+# --- the highest-loss training images --------------------------------------------------------------
+def test_the_high_loss_gallery_shows_the_planted_mislabelled_images(calibrated_run):
+    from tensorflow.core.util import event_pb2
+    model_dir, _, _ = calibrated_run
+    texts, images = {}, set()
+    for path in (model_dir / "train").glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == "train/high_loss_files":
+                    texts[event.step] = tf.make_ndarray(value.tensor).item().decode()
+                if value.tag == "train/high_loss":
+                    images.add(event.step)
+    assert sorted(texts) == sorted(images) == [39, 40]  # each valid evaluation, and the final
+    rows = [line.split(" | ") for line in texts[40].splitlines()[2:]]
+    assert len(rows) == 12
+    planted = [row for row in rows if "mislabelled_" in row[0]]
+    assert len(planted) == MISLABELLED, texts[40]
+    assert all(row[1] == "seven" and row[2] != "seven" for row in planted)
+    losses = [float(row[3].rstrip(" |")) for row in rows]
+    assert losses == sorted(losses, reverse=True)
+
+
+def test_the_temperature_minimises_the_nll_and_is_not_fitted_to_a_perfect_split():
+    from trainer.tools import calibration
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 500)
+    logits = rng.normal(size=(500, 5)) + 2.0 * np.eye(5)[labels]
+    logits *= 3.0  # over-confident: the fitted temperature is above 1
+    temperature = calibration.fit_temperature(logits, labels)
+    grid = np.exp(np.linspace(-2, 2, 4001))
+    best = grid[np.argmin([calibration.negative_log_likelihood(logits, labels, t)
+                           for t in grid])]
+    assert temperature == pytest.approx(best, rel=2e-3) and temperature > 1
+    perfect = 10.0 * np.eye(5)[labels]
+    assert calibration.fit_temperature(perfect, labels) == 1.0

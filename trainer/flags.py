@@ -138,6 +138,10 @@ flags.DEFINE_float("unknown_below", _D.unknown_below, "The exported serving sign
 # --- TensorBoard extras ---------------------------------------------------------------------
 flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, one more pass over the split to "
                      "draw its confusion matrix and a gallery of misclassified images.")
+flags.DEFINE_integer("high_loss_scan", _D.high_loss_scan, "At each valid evaluation, scan "
+                     "this many training images (a seeded sample; all if the set is smaller) and "
+                     "show the 12 with the highest loss, titled with label and prediction "
+                     "(train/high_loss: likely mislabelled). 0: off.", lower_bound=0)
 flags.DEFINE_boolean("summary_histograms", _D.summary_histograms, "Weight histograms each loop and the global "
                      "gradient norm (one more all-reduce per step).")
 flags.DEFINE_string("profile_steps", _D.profile_steps, "A,B: trace the loops covering training steps A..B "

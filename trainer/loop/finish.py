@@ -97,6 +97,10 @@ def _calibrate(s, step: int) -> dict | None:
             logits[split] = (predictions.logits, predictions.labels)
     temperature = calibration.fit_temperature(*logits["valid"])
     result = {"temperature": temperature, "fitted_on": "valid", "ece_bins": calibration.ECE_BINS}
+    if calibration.all_correct(*logits["valid"]):
+        result["fitted_on"] = "nothing: every valid image is classified correctly"
+        print("calibration: every valid image is classified correctly, so no temperature can "
+              "be fitted (the likelihood grows without bound as T -> 0); T stays 1", flush=True)
     for split, (split_logits, labels) in logits.items():
         result[split] = report = calibration.calibration_report(split_logits, labels, temperature)
         s.writers.scalars(s.writers.eval, step, {k: report[k] for k in ("ece_before", "ece_after")},

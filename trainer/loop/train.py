@@ -148,6 +148,8 @@ def _controller(state: RunState) -> Controller:
         extras.append(actions.Histograms(state))
     if state.chief and config.eval_figures:
         extras.append(actions.EvalFigures(state))
+    if state.chief and config.high_loss_scan and not state.inputs.synthetic:
+        extras.append(actions.HighLossGallery(state))
     log(f"training {config.model} on {plan.num_train_images} images, "
         f"{len(state.inputs.class_names)} classes, {plan.num_replicas} replica(s), global batch "
         f"{plan.global_batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), "

@@ -29,11 +29,17 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray,
     return float(np.mean(log_sum - z[np.arange(len(labels)), labels]))
 
 
+def all_correct(logits: np.ndarray, labels: np.ndarray) -> bool:
+    return bool(np.all(np.argmax(logits, axis=1) == labels))
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T in [e^-4, e^4] that minimises the NLL of softmax(logits / T). The NLL is convex
-    in 1/T, hence unimodal in log T: a golden-section search finds the minimum."""
+    in 1/T, hence unimodal in log T: a golden-section search finds the minimum. When every
+    image is classified correctly the NLL falls without bound as T -> 0 (every probability
+    -> 1): nothing can be fitted, and T stays 1."""
     labels = np.asarray(labels, np.int64)
-    if len(labels) == 0:
+    if len(labels) == 0 or all_correct(logits, labels):
         return 1.0
     low, high = -4.0, 4.0  # log T
     ratio = (np.sqrt(5) - 1) / 2
