@@ -395,3 +395,34 @@ def test_the_temperature_minimises_the_nll_and_is_not_fitted_to_a_perfect_split(
     assert temperature == pytest.approx(best, rel=2e-3) and temperature > 1
     perfect = 10.0 * np.eye(5)[labels]
     assert calibration.fit_temperature(perfect, labels) == 1.0
+
+
+# --- test-time augmentation -------------------------------------------------------------------------
+def test_evaluate_with_flip_tta_averages_the_softmax_of_image_and_mirror(calibrated_run, tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from data import pipeline
+    from tests.conftest import REPO
+    from trainer.tools import calibration
+    model_dir, _, _ = calibrated_run
+    done = subprocess.run([sys.executable, "-m", "trainer.evaluate", f"--model_dir={model_dir}",
+                           "--split=test", "--tta=flip", f"--output_dir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test-time augmentation flip" in done.stdout
+    report = json.loads((tmp_path / "test-step40-tta-flip.json").read_text())
+    assert report["tta"] == "flip" and report["images"] == 270
+    with open(tmp_path / "test-step40-tta-flip-predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[::10]
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    model = keras.models.load_model(model_dir / "model.keras")
+    pixels = np.stack([pipeline.decode_and_resize(tf.io.read_file(r["file"]), 32).numpy()
+                       for r in rows]).astype("float32")
+    mean = (calibration.softmax(model(pixels).numpy()) +
+            calibration.softmax(model(pixels[:, :, ::-1]).numpy())) / 2
+    plain = calibration.softmax(model(pixels).numpy())
+    assert [class_names[i] for i in mean.argmax(1)] == [r["predicted"] for r in rows]
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], mean.max(1), atol=1e-4)
+    assert not np.allclose(plain.max(1), mean.max(1), atol=1e-3)  # the mirror counted
