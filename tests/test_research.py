@@ -155,7 +155,7 @@ def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
     assert other.update(20, 0.3) and other.evaluations_since_best == 0
 
 
-# --- class weights ---------------------------------------------------------------------------------
+# --- class weights --------------------------------------------------------------------------------
 def _demo_batch(demo_dir, per_class: dict[int, int]):
     """Real demo JPEGs (train split) decoded to [N, 32, 32, 3]: per_class[c] images of class c."""
     from PIL import Image
@@ -194,9 +194,8 @@ def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo
         assert float(losses[0]) != pytest.approx(float(np.mean(ce)), rel=1e-3)
 
 
-# --- calibration and the calibrated export ---------------------------------------------------------
+# --- calibration and the calibrated export --------------------------------------------------------
 def _split_logits(model_dir, demo_dir, split):
-    from data import layout
     from trainer.tools import analysis
     class_names = json.loads((model_dir / "classes.json").read_text())
     files, labels = [], []
@@ -273,7 +272,7 @@ def test_the_export_tool_applies_the_run_temperature_to_its_weights(calibrated_r
     assert "--temperature must be auto or a number > 0" in bad.stderr
 
 
-# --- TFLite -----------------------------------------------------------------------------------------
+# --- TFLite ---------------------------------------------------------------------------------------
 def _tflite_probabilities(path, pixels: np.ndarray) -> np.ndarray:
     interpreter = tf.lite.Interpreter(model_path=str(path))
     interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], pixels.shape)
@@ -313,7 +312,7 @@ def test_the_tflite_models_agree_with_the_saved_model_on_the_test_split(calibrat
     assert len(files) == 270
 
 
-# --- duplicates and leakage in the data check --------------------------------------------------------
+# --- duplicates and leakage in the data check -----------------------------------------------------
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """A photo set (data/photos.py, 160 px) with an exact copy of a train image planted in test
@@ -359,7 +358,7 @@ def test_the_data_check_finds_a_planted_copy_and_a_resized_copy_across_splits(pl
     assert "(0 files decoded" in done.stdout
 
 
-# --- the highest-loss training images --------------------------------------------------------------
+# --- the highest-loss training images -------------------------------------------------------------
 def test_the_high_loss_gallery_shows_the_planted_mislabelled_images(calibrated_run):
     from tensorflow.core.util import event_pb2
     model_dir, _, _ = calibrated_run
@@ -397,7 +396,7 @@ def test_the_temperature_minimises_the_nll_and_is_not_fitted_to_a_perfect_split(
     assert calibration.fit_temperature(perfect, labels) == 1.0
 
 
-# --- test-time augmentation -------------------------------------------------------------------------
+# --- test-time augmentation -----------------------------------------------------------------------
 def test_evaluate_with_flip_tta_averages_the_softmax_of_image_and_mirror(calibrated_run, tmp_path):
     import csv
     import subprocess

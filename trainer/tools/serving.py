@@ -12,8 +12,9 @@ GIF/BMP) files, decodes and resizes each with data.pipeline.decode_and_resize (t
 as training and evaluation), and returns for each image the top-k `classes` (names, string),
 `probabilities` (float32, softmax(logits / T) with the temperature T of calibration, 1 when
 uncalibrated) and `class_ids` (int32); with `unknown_below` = P > 0 the first class name is
-`unknown` when the top-1 probability is below P. calibration.json beside it holds T and P. The class names are constants
-inside the graph: loading needs TensorFlow only, not this project.
+`unknown` when the top-1 probability is below P. calibration.json beside it holds T and P.
+The class names are constants inside the graph: loading needs TensorFlow only, not this
+project. `export_tflite` writes the TFLite models of the same calibrated probabilities.
 """
 from __future__ import annotations
 
