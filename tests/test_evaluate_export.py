@@ -293,8 +293,9 @@ def test_export_tool_writes_a_new_version_from_the_best_checkpoint(trained, best
     model_dir, _, _ = trained
     out, best_step, _, _ = best_on_37
     root = tmp_path / "exports"
+    # --temperature=1: the evaluation's probabilities below are the uncalibrated softmax.
     result = run_tool("export", f"--model_dir={model_dir}", "--checkpoint=best",
-                      f"--export_root={root}", "--version=3", "--top_k=3")
+                      f"--export_root={root}", "--version=3", "--top_k=3", "--temperature=1")
     assert f"(step {best_step}) to {root / '3'}" in result.stdout
     assert sorted(os.listdir(root)) == ["3"]
     serve = tf.saved_model.load(str(root / "3")).signatures["serving_default"]

@@ -13,6 +13,9 @@ import dataclasses
 import json
 import math
 
+# --best_metric choices (split/value of an evaluation) and which way is better.
+BEST_METRICS = {"valid/accuracy": "max", "valid/loss": "min", "valid/balanced_accuracy": "max"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -74,8 +77,14 @@ class Config:
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 3
     eval_batch_size: int = 0
+    # Which checkpoint is best, when to stop, what the export returns
+    best_metric: str = 'valid/accuracy'  # a key of trainer/state/checkpoints.BEST_METRICS
+    early_stopping_patience: int = 0  # valid evaluations without improvement; 0 = off
+    class_weight: str = 'none'  # none | balanced (loss weights from the train class counts)
+    unknown_below: float = 0.0  # the export names a top-1 probability below this `unknown`
     # TensorBoard extras
     eval_figures: bool = True
+    high_loss_scan: int = 2048  # train images scanned for the highest-loss gallery; 0 = off
     summary_histograms: bool = False
     profile_steps: str = ''  # "A,B" or "" (see parse_profile_steps)
     # Recovery and resume

@@ -2,6 +2,7 @@
 
     python -m trainer.evaluate --model_dir=DIR [--split=test] [--data_dir=...]
                                [--checkpoint=latest|best|PATH] [--output_dir=...]
+                               [--tta=none|flip]
 
 Restores only the model from the checkpoint, predicts every image of the split once, and writes
 <output_dir>/<split>-step<N>.json (loss, top-1, top-5, per-class precision/recall),
@@ -35,6 +36,9 @@ flags.DEFINE_integer("batch_size", 0, "Images per batch (0: the run's evaluation
                      lower_bound=0)
 flags.DEFINE_integer("gallery_size", 24, "Misclassified images shown in the TensorBoard gallery.",
                      lower_bound=0)
+flags.DEFINE_enum("tta", "none", ["none", "flip"], "Test-time augmentation: `flip` averages "
+                  "the softmax of each image and its mirror (twice the compute); the files are "
+                  "named <split>-step<N>-tta-flip.*.")
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
 
@@ -60,10 +64,10 @@ def main(argv: list[str]) -> int:
     data = source.open_source(data_dir, cache_dir=run.model_dir)
     predictions = analysis.predict_split(
         model, files.files, files.labels, image_size=run.image_size, batch_size=batch_size,
-        gallery_size=FLAGS.gallery_size, dataset=data.eval_dataset(
+        gallery_size=FLAGS.gallery_size, tta=FLAGS.tta, dataset=data.eval_dataset(
             files, image_size=run.image_size, global_batch_size=batch_size, cache="none"))
     report = analysis.make_report(predictions, run.class_names, split=FLAGS.split, step=step,
-                                    checkpoint=checkpoint, data_dir=data_dir)
+                                    checkpoint=checkpoint, data_dir=data_dir, tta=FLAGS.tta)
     output_dir = FLAGS.output_dir or os.path.join(run.model_dir, "evaluation")
     writer = tf.summary.create_file_writer(os.path.join(run.model_dir, "eval"))
     paths = analysis.write_report(report, predictions, output_dir, writer)
@@ -71,7 +75,8 @@ def main(argv: list[str]) -> int:
 
     wrong = report.num_images - int(report.per_class["correct"].sum())
     print(f"checkpoint {checkpoint} (step {step}) on {FLAGS.split}: {report.num_images} images "
-          f"from {data_dir}")
+          f"from {data_dir}" + (f", test-time augmentation {FLAGS.tta}" if FLAGS.tta != "none"
+                                else ""))
     print(f"loss {report.loss:.4f}  top-1 {report.accuracy:.4f}  top-5 {report.top5_accuracy:.4f}"
           f"  ({wrong} misclassified)")
     print("\n".join(analysis.per_class_lines(report)))

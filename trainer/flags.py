@@ -13,7 +13,7 @@ from absl import flags
 
 from models import registry
 from trainer.loop import resume
-from trainer.config import Config, parse_profile_steps, parse_randaugment
+from trainer.config import BEST_METRICS, Config, parse_profile_steps, parse_randaugment
 
 _D = Config()  # every flag's default is the Config field's
 
@@ -138,9 +138,25 @@ flags.DEFINE_integer("seed", _D.seed, "Seed for weights, data order and augmenta
 flags.DEFINE_boolean("deterministic", _D.deterministic, "Turn on TensorFlow op determinism: an interrupted "
                      "and resumed run ends with weights bit-identical to an uninterrupted one "
                      "(slower).")
+# --- best checkpoint, early stopping, class balance, calibrated export --------------------------
+flags.DEFINE_enum("best_metric", _D.best_metric, list(BEST_METRICS), "The valid metric that "
+                  "picks checkpoints/best (loss: lower is better).")
+flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience, "Stop after this "
+                     "many valid evaluations without a better --best_metric; the outputs then "
+                     "hold the best checkpoint's weights. 0: off.", lower_bound=0)
+flags.DEFINE_enum("class_weight", _D.class_weight, ["none", "balanced"], "`balanced` weighs "
+                  "each training example's loss by n_images / (n_classes * n_images_of_its_class)"
+                  " of the train split (evaluation losses stay unweighted).")
+flags.DEFINE_float("unknown_below", _D.unknown_below, "The exported serving signature returns "
+                   "the class name `unknown` when the calibrated top-1 probability is below "
+                   "this; 0: off.", lower_bound=0.0, upper_bound=1.0)
 # --- TensorBoard extras ---------------------------------------------------------------------
 flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, one more pass over the split to "
                      "draw its confusion matrix and a gallery of misclassified images.")
+flags.DEFINE_integer("high_loss_scan", _D.high_loss_scan, "At each valid evaluation, scan "
+                     "this many training images (a seeded sample; all if the set is smaller) and "
+                     "show the 12 with the highest loss, titled with label and prediction "
+                     "(train/high_loss: likely mislabelled). 0: off.", lower_bound=0)
 flags.DEFINE_boolean("summary_histograms", _D.summary_histograms, "Weight histograms each loop and the global "
                      "gradient norm (one more all-reduce per step).")
 flags.DEFINE_string("profile_steps", _D.profile_steps, "A,B: trace the loops covering training steps A..B "

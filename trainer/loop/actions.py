@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from data import decode
 from models import transfer
 from trainer.loop.inputs import TrainingError
 from trainer.loop.resume import MAX_ROLLBACKS
@@ -124,16 +125,77 @@ class EvalFigures:
                             figures.misclassified_gallery(predictions, names))
 
 
+class HighLossGallery:
+    """--high_loss_scan=N: at each valid evaluation, the training images with the highest loss
+    (inference mode, no augmentation) in a gallery titled with label and prediction
+    (train/high_loss) and a table of their paths (train/high_loss_files): likely mislabelled or
+    odd images. N training images are scanned, the
+    same seeded sample each time (all with N >= the training set), so galleries compare."""
+
+    SHOWN = 12
+
+    def __init__(self, state: RunState):
+        self.state = state
+        train = state.inputs.train
+        count = min(state.config.high_loss_scan, len(train))
+        chosen = np.sort(np.random.default_rng(state.config.seed).choice(
+            len(train), size=count, replace=False))
+        self.files = [train.files[i] for i in chosen]
+        self.labels = np.asarray([train.labels[i] for i in chosen], np.int64)
+
+    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+        if split != "valid":
+            return
+        s = self.state
+        with s.averaged():
+            predictions = analysis.predict_split(s.model, self.files, self.labels,
+                                                 image_size=s.config.image_size,
+                                                 batch_size=s.plan.eval_global_batch_size,
+                                                 gallery_size=0)
+        losses = analysis.cross_entropy(predictions.logits, predictions.labels)
+        worst = np.argsort(-losses, kind="stable")[:self.SHOWN]
+        names, probabilities = s.inputs.class_names, predictions.probabilities
+        images = np.stack([decode.decode_and_resize(tf.io.read_file(self.files[i]),
+                                                      s.config.image_size).numpy()
+                           for i in worst])
+        titles = [f"label: {names[self.labels[i]]}\npred: {names[predictions.predicted[i]]} "
+                  f"({probabilities[i, predictions.predicted[i]]:.2f}) loss {losses[i]:.2f}"
+                  for i in worst]
+        s.writers.image(s.writers.train, step, "train/high_loss",
+                        figures.image_grid(images, titles, columns=4))
+        rows = [f"| {self.files[i]} | {names[self.labels[i]]} | {names[predictions.predicted[i]]}"
+                f" | {losses[i]:.3f} |" for i in worst]  # the paths, to fix the files
+        s.writers.text(s.writers.train, step, "train/high_loss_files", "\n".join(
+            ["| file | label | prediction | loss |", "|---|---|---|---|"] + rows))
+
+
 class TrackBest:
-    """Keeps the checkpoint of the best valid accuracy (checkpoints/best/)."""
+    """Keeps the checkpoint of the best --best_metric (checkpoints/best/); with
+    --early_stopping_patience=N asks the controller to stop after N valid evaluations without
+    improvement (the count is in the checkpoint, so a restart stops where a whole run would)."""
 
     def __init__(self, state: RunState):
         self.state = state
 
     def after_evaluation(self, split: str, step: int, values: dict) -> None:
         if split == "valid":  # a full checkpoint (with the averages under --ema_decay)
-            self.state.best.update(step, values["accuracy"])
-            log(f"  {self.state.best.describe()}")
+            best = self.state.best
+            best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"])
+            log(f"  {best.describe()}")
+
+    def stop_reason(self) -> str | None:
+        return early_stopping_reason(self.state)
+
+
+def early_stopping_reason(state: RunState) -> str | None:
+    """One line saying why the run stops early, or None while it goes on."""
+    patience = state.config.early_stopping_patience
+    since = state.best.evaluations_since_best
+    if not patience or since < patience:
+        return None
+    return (f"early stopping at step {state.current_step}: {state.best.metric} has not improved "
+            f"for {since} evaluations (--early_stopping_patience={patience}); "
+            f"{state.best.describe()}")
 
 
 class NonFiniteGuard:

@@ -28,11 +28,18 @@ class Controller:
         self.guard, self.freeze, self.stop, self.actions = guard, freeze, stop, actions
         self.eval_every = state.config.eval_every_steps or state.plan.steps_per_epoch
         self.last_step = state.current_step  # the last step known done (for error messages)
+        self.stopped_early: str | None = None  # the line saying why, when an action stopped
 
     def train(self) -> None:
-        """Loops until the last step; raises Preempted after a stop signal (checkpoint saved)."""
+        """Loops until the last step, or until an action asks to stop (early stopping: also
+        right away after a restart of a run that had stopped); raises Preempted after a stop
+        signal (checkpoint saved)."""
         s, total = self.state, self.state.plan.total_steps
         while s.current_step < total:
+            self.stopped_early = self._stop_reason()
+            if self.stopped_early:
+                log(self.stopped_early)
+                return
             step = s.current_step
             self.freeze.update(step)
             num = self._loop_length(step)
@@ -86,6 +93,13 @@ class Controller:
         num = min(self.state.config.steps_per_loop, self.state.plan.total_steps - step,
                   next_eval - step)
         return self.freeze.limit(step, num)
+
+    def _stop_reason(self) -> str | None:
+        for action in self.actions:
+            reason = action.stop_reason() if hasattr(action, "stop_reason") else None
+            if reason:
+                return reason
+        return None
 
     def _each(self, hook: str, *args) -> None:
         for action in self.actions:

@@ -1,10 +1,17 @@
 """Finishing: the phase after the last training step, in this order:
 
-  1. the final checkpoint (unless the latest one already holds the last step)
+  1. the final checkpoint (unless the latest one already holds the last step); when early
+     stopping ended the run, the model then takes the best checkpoint's weights, and every
+     output below holds those (results.json: "weights_step", "stopped")
   2. the final evaluation of every split (valid also updates the best checkpoint)
-  3. model.keras (written under a temporary name, then renamed)
-  4. the SavedModel export (export/<step>/, staged then renamed; trainer/tools/serving.py)
-  5. results.json, written last and atomically: its presence, naming the last step, marks a
+  3. calibration (chief): one temperature fitted on the valid split's logits, the expected
+     calibration error before and after on every split, reliability diagrams in TensorBoard
+     (trainer/tools/calibration.py); results.json "calibration"
+  4. model.keras (written under a temporary name, then renamed)
+  5. the SavedModel export (export/<step>/, staged then renamed; trainer/tools/serving.py),
+     whose signature returns the calibrated probabilities (and `unknown` under
+     --unknown_below)
+  6. results.json, written last and atomically: its presence, naming the last step, marks a
      finished run
 
 A stop signal between outputs ends the process with exit code 75; a restart (after that, or
@@ -18,10 +25,12 @@ import os
 import time
 
 import numpy as np
+import tensorflow as tf
 
 from trainer.loop.controller import Controller
+from trainer.report import figures
 from trainer.state import run_dir
-from trainer.tools import serving
+from trainer.tools import analysis, calibration, serving
 
 
 def finished_results(model_dir: str, step: int) -> dict | None:
@@ -39,9 +48,12 @@ def finish(controller: Controller, run_start: float) -> dict:
     with controller.reporter.overhead():
         s.keeper.save_at_end(step)
     controller.freeze.close()  # a frozen backbone is unfrozen: the saved model is trainable
+    weights_step = _restore_best_weights(s) if controller.stopped_early else step
     results = {"steps": step, "epochs": step / plan.steps_per_epoch, "splits": {},
                "weights": f"moving average (--ema_decay={config.ema_decay:g})"
-               if s.weight_average else "trained"}
+               if s.weight_average else "trained",
+               "weights_step": weights_step,
+               "stopped": controller.stopped_early or "end of schedule"}
     for split in s.inputs.eval_splits:
         _stop_if_asked(controller)
         results["splits"][split] = controller.evaluate(split, step, final=True)
@@ -55,6 +67,9 @@ def finish(controller: Controller, run_start: float) -> dict:
         return results
     # From here on the chief works alone: its stop checks must not be collective.
     _stop_if_asked(controller, here_only=True)
+    results["calibration"] = _calibrate(s, step)
+    temperature = results["calibration"]["temperature"] if results["calibration"] else 1.0
+    _stop_if_asked(controller, here_only=True)
     results["model_file"] = _save_model_file(s)
     if config.export_at_end:
         _stop_if_asked(controller, here_only=True)
@@ -64,7 +79,8 @@ def finish(controller: Controller, run_start: float) -> dict:
             serving.inference_copy(s.model, config.model, len(s.inputs.class_names),
                                    config.image_size, weights=weights),
             s.inputs.class_names, config.image_size,
-            os.path.join(config.model_dir, run_dir.EXPORT_DIR), version=step, overwrite=True)
+            os.path.join(config.model_dir, run_dir.EXPORT_DIR), version=step, overwrite=True,
+            temperature=temperature, unknown_below=config.unknown_below)
         print(f"exported for serving: {results['export_dir']}", flush=True)
     path = os.path.join(config.model_dir, run_dir.RESULTS_FILE)
     run_dir.write_json(path, results)
@@ -79,6 +95,59 @@ def weights_digest(model) -> str:
     for weight in model.get_weights():
         digest.update(np.ascontiguousarray(weight).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _calibrate(s, step: int) -> dict | None:
+    """Temperature scaling fitted on valid (None without a valid split): the temperature, and
+    per split the ECE, NLL and accuracy before and after; a reliability diagram per split."""
+    if "valid" not in s.inputs.eval_splits:
+        return None
+    logits = {}
+    with s.averaged():
+        for split, files in s.inputs.eval_splits.items():
+            predictions = analysis.predict_split(
+                s.model, files.files, files.labels, image_size=s.config.image_size,
+                batch_size=s.plan.eval_global_batch_size, gallery_size=0,
+                dataset=s.inputs.source.eval_dataset(
+                    files, image_size=s.config.image_size,
+                    global_batch_size=s.plan.eval_global_batch_size, cache="none"))
+            logits[split] = (predictions.logits, predictions.labels)
+    temperature = calibration.fit_temperature(*logits["valid"])
+    result = {"temperature": temperature, "fitted_on": "valid", "ece_bins": calibration.ECE_BINS}
+    if calibration.all_correct(*logits["valid"]):
+        result["fitted_on"] = "nothing: every valid image is classified correctly"
+        print("calibration: every valid image is classified correctly, so no temperature can "
+              "be fitted (the likelihood grows without bound as T -> 0); T stays 1", flush=True)
+    for split, (split_logits, labels) in logits.items():
+        result[split] = report = calibration.calibration_report(split_logits, labels, temperature)
+        s.writers.scalars(s.writers.eval, step, {k: report[k] for k in ("ece_before", "ece_after")},
+                          f"{split}/calibration")
+        s.writers.image(s.writers.eval, step, f"{split}/reliability_diagram",
+                        figures.reliability_diagram(
+                            calibration.reliability(calibration.softmax(split_logits), labels),
+                            calibration.reliability(
+                                calibration.softmax(split_logits, temperature), labels),
+                            f"{split}: temperature {temperature:.3f} (fitted on valid)"))
+        print(f"calibration on {split}: ECE {report['ece_before']:.4f} -> "
+              f"{report['ece_after']:.4f}, NLL {report['nll_before']:.4f} -> "
+              f"{report['nll_after']:.4f} (temperature {temperature:.3f}, fitted on valid)",
+              flush=True)
+    s.writers.flush()
+    return result
+
+
+def _restore_best_weights(s) -> int:
+    """The best checkpoint's model weights (and averages) into the model; its step. The run's
+    counters and optimizer stay those of the last step (a restart finishes the same way)."""
+    best = s.best.summary()
+    parts = {"model": s.model}
+    if s.weight_average:
+        parts["ema"] = s.weight_average.trackable
+    tf.train.Checkpoint(**parts).restore(best["path"]).expect_partial() \
+        .assert_existing_objects_matched()
+    print(f"the outputs hold the best checkpoint's weights: step {best['step']} "
+          f"({best['metric']} {best['value']:.4f})", flush=True)
+    return int(best["step"])
 
 
 def _save_model_file(s) -> str:

@@ -58,12 +58,16 @@ class StepRunner:
                           float(input_seconds) if s.steps.time_input else None, metrics,
                           batch_ids.numpy())
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Loss, accuracy, top-5 and image count of `split` with the weights the model holds."""
+    def evaluate(self, split: str) -> dict:
+        """Loss, accuracy, top-5, balanced accuracy, image count and the recall of each class
+        (`per_class_recall`: class name -> recall, None for a class `split` lacks) of `split`
+        with the weights the model holds."""
         s = self.state
         if split not in self._eval_datasets:
             self._eval_datasets[split] = run_inputs.eval_dataset(s.config, s.plan, s.inputs,
                                                                  s.strategy, split)
         s.eval_metrics.reset()
         s.steps.eval_loop(self._eval_datasets[split])
-        return s.eval_metrics.results()
+        values = s.eval_metrics.results()
+        values["per_class_recall"] = dict(zip(s.inputs.class_names, values["per_class_recall"]))
+        return values

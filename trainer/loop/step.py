@@ -18,7 +18,34 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+
+class PerClassRecall(keras.metrics.Metric):
+    """Correct and total counts per true class (vector state, summed across replicas when
+    read, so exact with several replicas). `result()` is the recall per class, NaN for a class
+    with no example; balanced accuracy is the mean over the classes present."""
+
+    def __init__(self, num_classes: int, name: str = "per_class_recall"):
+        super().__init__(name=name)
+        self.num_classes = num_classes
+        self.correct = self.add_variable((num_classes,), "zeros", name="correct")
+        self.total = self.add_variable((num_classes,), "zeros", name="total")
+
+    def update_state(self, labels, logits, sample_weight=None):
+        labels = tf.cast(labels, tf.int32)
+        weights = tf.ones_like(labels, tf.float32) if sample_weight is None else \
+            tf.cast(sample_weight, tf.float32)
+        hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
+                      tf.float32)
+        self.correct.assign_add(tf.math.unsorted_segment_sum(hit * weights, labels,
+                                                             self.num_classes))
+        self.total.assign_add(tf.math.unsorted_segment_sum(weights, labels, self.num_classes))
+
+    def result(self):
+        return tf.math.divide_no_nan(self.correct, self.total) + tf.where(
+            self.total > 0, 0.0, float("nan"))
 
 
 @dataclasses.dataclass
@@ -27,12 +54,14 @@ class Metrics:
     loss: keras.metrics.Mean
     accuracy: keras.metrics.SparseCategoricalAccuracy
     top5_accuracy: keras.metrics.SparseTopKCategoricalAccuracy
+    per_class: PerClassRecall | None = None  # evaluation only (balanced accuracy)
 
     @classmethod
-    def create(cls, prefix: str) -> "Metrics":
+    def create(cls, prefix: str, num_classes: int | None = None) -> "Metrics":
         return cls(keras.metrics.Mean(name=f"{prefix}_loss"),
                    keras.metrics.SparseCategoricalAccuracy(name=f"{prefix}_accuracy"),
-                   keras.metrics.SparseTopKCategoricalAccuracy(k=5, name=f"{prefix}_top5"))
+                   keras.metrics.SparseTopKCategoricalAccuracy(k=5, name=f"{prefix}_top5"),
+                   PerClassRecall(num_classes, f"{prefix}_per_class") if num_classes else None)
 
     def update(self, labels, logits, per_example_loss, weights):
         if labels.shape.rank == 2:  # soft targets (MixUp/CutMix): the class they weigh most
@@ -40,16 +69,27 @@ class Metrics:
         self.loss.update_state(per_example_loss, sample_weight=weights)
         self.accuracy.update_state(labels, logits, sample_weight=weights)
         self.top5_accuracy.update_state(labels, logits, sample_weight=weights)
+        if self.per_class is not None:
+            self.per_class.update_state(labels, logits, sample_weight=weights)
 
     def reset(self) -> None:
-        for metric in (self.loss, self.accuracy, self.top5_accuracy):
-            metric.reset_state()
+        for metric in (self.loss, self.accuracy, self.top5_accuracy, self.per_class):
+            if metric is not None:
+                metric.reset_state()
 
-    def results(self) -> dict[str, float]:
-        """Means over everything seen since reset; `images` counts weight-1 examples."""
-        return {"loss": float(self.loss.result()), "accuracy": float(self.accuracy.result()),
-                "top5_accuracy": float(self.top5_accuracy.result()),
-                "images": int(round(float(keras.ops.convert_to_numpy(self.loss.count))))}
+    def results(self) -> dict:
+        """Means over everything seen since reset; `images` counts weight-1 examples. With
+        per-class counts also `balanced_accuracy` (mean recall over the classes present) and
+        `per_class_recall` (a list in label order, None for a class with no example)."""
+        values = {"loss": float(self.loss.result()), "accuracy": float(self.accuracy.result()),
+                  "top5_accuracy": float(self.top5_accuracy.result()),
+                  "images": int(round(float(keras.ops.convert_to_numpy(self.loss.count))))}
+        if self.per_class is not None:
+            recall = keras.ops.convert_to_numpy(self.per_class.result())
+            present = recall[~np.isnan(recall)]
+            values["balanced_accuracy"] = float(present.mean()) if present.size else 0.0
+            values["per_class_recall"] = [None if np.isnan(r) else float(r) for r in recall]
+        return values
 
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0
@@ -81,7 +121,8 @@ class StepFunctions:
                  gradient_norm: keras.metrics.Mean | None = None, label_smoothing: float = 0.0,
                  grad_accum_steps: int = 1, weight_average=None,
                  step: tf.Variable | None = None, skipped_batches: tf.Variable | None = None,
-                 nan_batches: tuple[int, ...] = (), record_ids: bool = False):
+                 nan_batches: tuple[int, ...] = (), record_ids: bool = False,
+                 class_weights=None):
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -104,6 +145,9 @@ class StepFunctions:
         # --debug_record_batches: batches carry image ids; the loop returns each step's ids in
         # global replica order.
         self.record_ids = record_ids
+        # --class_weight: the training loss weight of each class (None: all 1).
+        self.class_weights = None if class_weights is None else \
+            tf.constant(class_weights, tf.float32)
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # The state averaged across replicas after each loop (BatchNorm moving statistics),
         # fixed now: freezing the backbone later makes its weights non-trainable too.
@@ -173,7 +217,8 @@ class StepFunctions:
         model = self.model
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_example = cross_entropy(labels, logits, self.label_smoothing) * weights
+            per_example = cross_entropy(labels, logits, self.label_smoothing) * weights * \
+                self._class_weight_of(labels)
             if poison is not None:  # --debug_nan_batches: NaN losses on purpose
                 per_example *= poison
             loss = tf.nn.compute_average_loss(per_example,
@@ -187,6 +232,14 @@ class StepFunctions:
 
     def _predict_logits(self, images):
         return self.model(images, training=False)
+
+    def _class_weight_of(self, labels):
+        """Each example's --class_weight (soft targets: their mix of the class weights)."""
+        if self.class_weights is None:
+            return 1.0
+        if labels.shape.rank == 2:
+            return tf.linalg.matvec(tf.cast(labels, tf.float32), self.class_weights)
+        return tf.gather(self.class_weights, tf.cast(labels, tf.int32))
 
     def _accumulated_gradients(self, images, labels, weights, poison=None):
         """The summed gradients of `grad_accum_steps` micro-batches of this replica's batch, and

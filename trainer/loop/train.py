@@ -107,15 +107,18 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
         for name in start.accepted:
             if name not in resume.SCHEDULE_FLAGS:
                 log(resume.describe(name, start.saved, config))
-    if start_step >= plan.total_steps:
+    stopped_early = actions.early_stopping_reason(state)
+    if start_step >= plan.total_steps or stopped_early:
         results = finish.finished_results(config.model_dir, start_step)
         if results is not None:
             log(f"the run in {config.model_dir} is finished ({start_step} of {plan.total_steps} "
-                f"steps); results: {os.path.join(config.model_dir, run_dir.RESULTS_FILE)}. "
-                f"Pass a larger --train_steps or --epochs with --allow_change to train on.")
+                f"steps{', stopped early' if stopped_early else ''}); results: "
+                f"{os.path.join(config.model_dir, run_dir.RESULTS_FILE)}. Pass a larger "
+                + ("--early_stopping_patience" if stopped_early else
+                   "--train_steps or --epochs with --allow_change") + " to train on.")
             return results
-        log(f"the run reached its last step ({start_step}); finishing: final evaluation, "
-            f"model file, export, results")
+        log(f"the run {'stopped early' if stopped_early else 'reached its last step'} (step "
+            f"{start_step}); finishing: final evaluation, model file, export, results")
     runs = run_dir.RunsLog(config.model_dir) if chief else None
     if runs:
         runs.start(dataclasses.asdict(start.source_config), start_step, summaries.git_commit())
@@ -165,6 +168,8 @@ def _controller(state: RunState) -> Controller:
         extras.append(actions.BatchIdsLog(os.path.join(state.work_dir, "batch_ids.tsv")))
     if state.chief and config.eval_figures:
         extras.append(actions.EvalFigures(state))
+    if state.chief and config.high_loss_scan and not state.inputs.synthetic:
+        extras.append(actions.HighLossGallery(state))
     log(f"training {config.model} on {plan.num_train_images} images, "
         f"{len(state.inputs.class_names)} classes, {plan.num_replicas} replica(s), global batch "
         f"{plan.global_batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), "

@@ -23,6 +23,13 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def per_class_recall_markdown(recall: dict[str, float | None]) -> str:
+    """The recall of each class present, lowest first (the classes to look at)."""
+    rows = sorted((r, name) for name, r in recall.items() if r is not None)
+    return "\n".join(["| class | recall |", "|---|---|"] +
+                     [f"| {name} | {r:.4f} |" for r, name in rows])
+
+
 class Reporter:
     def __init__(self, plan: RunPlan, writers: summaries.Summaries, speed: Speedometer,
                  input_is_upper_bound: bool):
@@ -72,11 +79,17 @@ class Reporter:
                 f"MFU {values['mfu']:.1%} ETA {format_duration(remaining)}")
         return values
 
-    def evaluation(self, split: str, step: int, values: dict[str, float], final: bool) -> None:
+    def evaluation(self, split: str, step: int, values: dict, final: bool) -> None:
         self.writers.scalars(self.writers.eval, step, values, split)
+        recall = values.get("per_class_recall")
+        if recall:
+            self.writers.text(self.writers.eval, step, f"{split}/per_class_recall",
+                              per_class_recall_markdown(recall))
         head = f"final {split}:" if final else f"  {split}"
         tail = f" ({values['images']} images)" if final else ""
-        log(f"{head} loss {values['loss']:.4f} acc {values['accuracy']:.4f} "
+        balanced = f" bal acc {values['balanced_accuracy']:.4f}" \
+            if "balanced_accuracy" in values else ""
+        log(f"{head} loss {values['loss']:.4f} acc {values['accuracy']:.4f}{balanced} "
             f"top5 {values['top5_accuracy']:.4f}{tail}")
 
     def speed_results(self) -> dict:

@@ -72,3 +72,27 @@ def misclassified_gallery(predictions, class_names: list[str],
                      f"pred: {class_names[guess]} ({probabilities[index, guess]:.2f})", fontsize=7)
     figure.tight_layout()
     return figure_to_png(figure)
+
+
+def reliability_diagram(before, after, title: str) -> bytes:
+    """Accuracy against confidence per bin, before and after temperature scaling
+    (trainer/tools/calibration.py's Reliability); the diagonal is perfect calibration."""
+    figure, axes = plt.subplots(1, 2, figsize=(8, 4), sharey=True)
+    for ax, reliability, name in ((axes[0], before, "before"), (axes[1], after, "after")):
+        bins = len(reliability.count)
+        centres = (np.arange(bins) + 0.5) / bins
+        used = reliability.count > 0
+        ax.bar(centres[used], reliability.accuracy[used], width=1 / bins, edgecolor="black",
+               alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.plot(reliability.confidence[used], reliability.accuracy[used], "o", color="C3",
+                markersize=3, label="mean confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_title(f"{name}: ECE {reliability.ece:.4f}", fontsize=10)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure_to_png(figure)

@@ -25,7 +25,8 @@ class Summaries:
     def scalars(self, writer, step: int, values: dict[str, float], prefix: str) -> None:
         with writer.as_default(step=step):
             for name, value in values.items():
-                tf.summary.scalar(f"{prefix}/{name}", value)
+                if isinstance(value, (int, float)):  # per-class values go elsewhere
+                    tf.summary.scalar(f"{prefix}/{name}", value)
 
     def text(self, writer, step: int, name: str, markdown: str) -> None:
         with writer.as_default(step=step):

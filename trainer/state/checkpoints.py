@@ -10,6 +10,7 @@ import os
 import tensorflow as tf
 
 from data.files import atomic_write_text
+from trainer.config import BEST_METRICS
 from trainer.state.run_dir import BEST_STATE_FILE, SavedRun, latest_checkpoint, read_best
 
 
@@ -51,54 +52,96 @@ class CheckpointKeeper:
         return self.manager.save(check_interval=False)
 
 
+_SHORT = {"valid/accuracy": "valid acc", "valid/loss": "valid loss",
+          "valid/balanced_accuracy": "valid bal acc"}
+
+
 class BestCheckpoint:
-    """The checkpoint with the highest validation accuracy so far, kept apart from the latest K
-    (which CheckpointManager deletes as training goes on).
+    """The checkpoint with the best `metric` (--best_metric) so far, kept apart from the latest K
+    (which CheckpointManager deletes as training goes on), and the count of evaluations since
+    it (for --early_stopping_patience).
 
     `directory` (model_dir/checkpoints/best) holds `ckpt-<step>.index`, `ckpt-<step>.data-*` and
-    `best.json` ({"step", "valid_accuracy", "checkpoint"}). A new best is written under its own
-    prefix first; then best.json is replaced atomically to point at it; only then are the older
-    files deleted. A kill at any moment leaves best.json naming a complete checkpoint.
+    `best.json` ({"step", "metric", "value", "valid_accuracy", "checkpoint"}). A new best is
+    written under its own prefix first; then best.json is replaced atomically to point at it;
+    only then are the older files deleted. A kill at any moment leaves best.json naming a
+    complete checkpoint.
 
-    Every worker calls `update` with the same (globally reduced) accuracy, so all make the same
-    decision and run the same save. Non-chief workers write to a scratch `directory` but start
-    from the chief's record (`state_directory`), so a resumed run remembers the best so far.
-    Ties keep the earlier step.
+    The decisions are made from a record of variables (best step, value, metric, evaluations
+    since) that this object adds to `checkpoint` as `best`: a resumed run restores the record
+    of its own step with the latest checkpoint, so it decides (and stops early) exactly as an
+    uninterrupted run would, even when best.json already names a later step. Before any restore
+    the record starts from best.json (the chief's: `state_directory`) when its metric is ours.
+
+    Every worker calls `update` with the same (globally reduced) values, so all make the same
+    decision and run the same save. Ties keep the earlier step.
     """
 
     def __init__(self, directory: str, checkpoint: tf.train.Checkpoint, *,
-                 state_directory: str | None = None):
-        self.directory = directory
-        self.checkpoint = checkpoint
+                 metric: str = "valid/accuracy", state_directory: str | None = None):
+        self.directory, self.checkpoint, self.metric = directory, checkpoint, metric
+        self.metric_id = list(BEST_METRICS).index(metric)
+        record = tf.Module()
+        record.step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        record.value = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        record.metric = tf.Variable(self.metric_id, dtype=tf.int64, trainable=False)
+        record.evaluations_since = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.record = checkpoint.best = record
         self.state = self.read(state_directory or directory)
+        if self.state is not None and self.state.get("metric", "valid/accuracy") == metric:
+            record.step.assign(self.state["step"])
+            record.value.assign(self.state.get("value", self.state.get("valid_accuracy")))
 
     read = staticmethod(read_best)
 
-    def update(self, step: int, accuracy: float) -> bool:
-        """Save the model as the best one if `accuracy` beats the best so far; True if saved."""
-        if self.state is not None and accuracy <= self.state["valid_accuracy"]:
+    @property
+    def evaluations_since_best(self) -> int:
+        return int(self.record.evaluations_since.numpy())
+
+    def _better(self, value: float) -> bool:
+        if int(self.record.step.numpy()) < 0:
+            return True
+        best = float(self.record.value.numpy())
+        return value < best if BEST_METRICS[self.metric] == "min" else value > best
+
+    def update(self, step: int, value: float, valid_accuracy: float | None = None) -> bool:
+        """Save the model as the best one if `value` (of the metric) beats the best so far;
+        True if saved. Otherwise one more evaluation without improvement."""
+        record = self.record
+        if int(record.metric.numpy()) != self.metric_id:  # --best_metric changed on resume
+            record.step.assign(-1)
+            record.metric.assign(self.metric_id)
+        if not self._better(value):
+            record.evaluations_since.assign_add(1)
             return False
+        record.step.assign(int(step))
+        record.value.assign(float(value))
+        record.evaluations_since.assign(0)
         os.makedirs(self.directory, exist_ok=True)
         name = f"ckpt-{int(step)}"
         self.checkpoint.write(os.path.join(self.directory, name))
-        record = {"step": int(step), "valid_accuracy": float(accuracy), "checkpoint": name}
+        saved = {"step": int(step), "metric": self.metric, "value": float(value),
+                 "valid_accuracy": float(value if valid_accuracy is None else valid_accuracy),
+                 "checkpoint": name}
         atomic_write_text(os.path.join(self.directory, BEST_STATE_FILE),
-                          json.dumps(record, indent=2))
+                          json.dumps(saved, indent=2))
         for entry in os.listdir(self.directory):
             if entry.startswith("ckpt-") and entry.split(".")[0] != name:
                 os.remove(os.path.join(self.directory, entry))
-        self.state = dict(record, path=os.path.join(self.directory, name))
+        self.state = dict(saved, path=os.path.join(self.directory, name))
         return True
 
     def describe(self) -> str:
         if self.state is None:
             return "best checkpoint: none yet"
-        return (f"best checkpoint: step {self.state['step']} "
-                f"(valid acc {self.state['valid_accuracy']:.4f})")
+        metric = self.state.get("metric", "valid/accuracy")
+        value = self.state.get("value", self.state.get("valid_accuracy"))
+        return f"best checkpoint: step {self.state['step']} ({_SHORT[metric]} {value:.4f})"
 
     def summary(self) -> dict | None:
-        """For results.json: step, valid accuracy and checkpoint prefix of the best model."""
+        """For results.json: step, metric, value, valid accuracy and checkpoint prefix of the
+        best model."""
         if self.state is None:
             return None
-        return {"step": self.state["step"], "valid_accuracy": self.state["valid_accuracy"],
-                "path": self.state["path"]}
+        return {key: self.state.get(key) for key in
+                ("step", "metric", "value", "valid_accuracy", "path")}

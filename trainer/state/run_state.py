@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from models import registry, transfer
@@ -93,6 +94,13 @@ def build_model(config: Config, num_classes: int, donor, log) -> keras.Model:
     return model
 
 
+def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
+    """--class_weight=balanced: n_images / (n_classes * n_images_of_class), scikit-learn's
+    convention (a class with no training image gets 0: it never occurs anyway)."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+    return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+
+
 def create(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
            work_dir: str, donor, log) -> RunState:
     """Model, optimizer and counters in the strategy scope (the optimizer built before the
@@ -104,7 +112,8 @@ def create(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         optimizer = make_optimizer(config, plan, model, step)
         # Averages of the initial (or pretrained) weights; restored with the checkpoint.
         weight_average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
-        train_metrics, eval_metrics = Metrics.create("train"), Metrics.create("eval")
+        train_metrics = Metrics.create("train")
+        eval_metrics = Metrics.create("eval", len(inputs.class_names))
         gradient_norm = keras.metrics.Mean(name="gradient_norm") \
             if config.summary_histograms else None
     steps = StepFunctions(
@@ -115,16 +124,24 @@ def create(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         grad_accum_steps=config.grad_accum_steps, weight_average=weight_average, step=step,
         skipped_batches=skipped,
         nan_batches=tuple(int(b) for b in config.debug_nan_batches.split(",") if b),
-        record_ids=config.debug_record_batches and not inputs.synthetic)
+        record_ids=config.debug_record_batches and not inputs.synthetic,
+        class_weights=balanced_class_weights(inputs.train.labels, len(inputs.class_names))
+        if config.class_weight == "balanced" and not inputs.synthetic else None)
+    if steps.class_weights is not None:
+        weights = steps.class_weights.numpy()
+        log(f"class weights (balanced): {weights.min():.3g} "
+            f"({inputs.class_names[int(weights.argmin())]}) to {weights.max():.3g} "
+            f"({inputs.class_names[int(weights.argmax())]})")
     checkpoint_dir = os.path.join(work_dir, run_dir.CHECKPOINT_DIR)
     keeper = checkpoints.CheckpointKeeper(
         checkpoint_dir, model=model, optimizer=optimizer, step=step,
         max_to_keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps,
         ema=weight_average.trackable if weight_average else None,
         skipped_batches=skipped, rollbacks=rollbacks)
-    # The best model by valid accuracy, kept apart from the latest K (state read from the chief).
+    # The best model by --best_metric, kept apart from the latest K (its record is part of
+    # every checkpoint; best.json read from the chief).
     best = checkpoints.BestCheckpoint(
-        os.path.join(work_dir, run_dir.BEST_DIR), keeper.checkpoint,
+        os.path.join(work_dir, run_dir.BEST_DIR), keeper.checkpoint, metric=config.best_metric,
         state_directory=os.path.join(config.model_dir, run_dir.BEST_DIR))
     writers = summaries.Summaries(config.model_dir if chief else None)
     return RunState(config, plan, inputs, strategy, chief, work_dir, model, optimizer, step,

@@ -48,16 +48,26 @@ class Predictions:
         return exp / exp.sum(axis=1, keepdims=True)
 
 
+def tta_logits(model, images, tta: str = "none"):
+    """The model's float32 logits for a batch; with tta="flip" the log of the mean softmax of
+    the image and its mirror (test-time augmentation: log-probabilities are logits too)."""
+    logits = tf.cast(model(images, training=False), tf.float32)
+    if tta == "none":
+        return logits
+    flipped = tf.cast(model(tf.reverse(images, axis=[2]), training=False), tf.float32)
+    return tf.math.log((tf.nn.softmax(logits) + tf.nn.softmax(flipped)) / 2.0)
+
+
 def predict_split(model, files, labels, *, image_size: int, batch_size: int,
-                  gallery_size: int = 24, dataset=None) -> Predictions:
-    """Runs `model` (inference mode) once over every file; keeps up to `gallery_size`
-    misclassified images for the gallery. `dataset`: the split's eval_dataset (e.g. from packed
-    data, data/source.py); default: read `files`."""
+                  gallery_size: int = 24, dataset=None, tta: str = "none") -> Predictions:
+    """Runs `model` (inference mode) once over every file (twice with tta="flip": see
+    `tta_logits`); keeps up to `gallery_size` misclassified images for the gallery. `dataset`:
+    the split's eval_dataset (e.g. from packed data, data/source.py); default: read `files`."""
     files, labels = list(files), np.asarray(labels, np.int64)
     if dataset is None:
         dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
                                         global_batch_size=batch_size, cache="none")
-    infer = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+    infer = tf.function(lambda images: tta_logits(model, images, tta))
     logits, gallery_index, gallery_images = [], [], []
     seen = 0
     for images, batch_labels, weights in dataset:
@@ -127,7 +137,9 @@ class Report:
 
     @property
     def name(self) -> str:
-        return f"{self.split}-step{self.step}" if self.step is not None else self.split
+        name = f"{self.split}-step{self.step}" if self.step is not None else self.split
+        tta = self.extra.get("tta", "none")
+        return name if tta == "none" else f"{name}-tta-{tta}"
 
     def to_json(self) -> dict:
         def number(x):

@@ -10,11 +10,15 @@ a version number (TF Serving only looks at numeric folder names).
 The `serving_default` signature takes `images`, a 1-D string tensor of encoded JPEG/PNG (or
 GIF/BMP) files, decodes and resizes each with data.decode.decode_and_resize (the same function
 as training and evaluation), and returns for each image the top-k `classes` (names, string),
-`probabilities` (float32, softmax) and `class_ids` (int32). The class names are constants
-inside the graph: loading needs TensorFlow only, not this project.
+`probabilities` (float32, softmax(logits / T) with the temperature T of calibration, 1 when
+uncalibrated) and `class_ids` (int32); with `unknown_below` = P > 0 the first class name is
+`unknown` when the top-1 probability is below P. calibration.json beside it holds T and P.
+The class names are constants inside the graph: loading needs TensorFlow only, not this
+project. `export_tflite` writes the TFLite models of the same calibrated probabilities.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +32,8 @@ from models import registry
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 KERAS_FILE = "model.keras"
+CALIBRATION_FILE = "calibration.json"  # {"temperature", "unknown_below"} beside the model
+UNKNOWN = "unknown"
 
 
 class ExportError(ValueError):
@@ -49,23 +55,36 @@ def inference_copy(model: keras.Model, model_name: str, num_classes: int,
     return copy
 
 
-def _serving_fn(model: keras.Model, class_names: list[str], image_size: int, top_k: int):
+def calibrated_probabilities(logits, temperature: float = 1.0):
+    """softmax(logits / T): the probabilities every export returns (T from calibration)."""
+    return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature)
+
+
+def _serving_fn(model: keras.Model, class_names: list[str], image_size: int, top_k: int,
+                temperature: float, unknown_below: float):
     names = tf.constant(class_names, tf.string)
 
     def serve(images):
         pixels = tf.map_fn(lambda data: decode.decode_and_resize(data, image_size), images,
                            fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                                              tf.uint8))
-        logits = tf.cast(model(pixels, training=False), tf.float32)
-        top = tf.math.top_k(tf.nn.softmax(logits), k=top_k)
-        return {"classes": tf.gather(names, top.indices), "probabilities": top.values,
-                "class_ids": top.indices}
+        probabilities = calibrated_probabilities(model(pixels, training=False), temperature)
+        top = tf.math.top_k(probabilities, k=top_k)
+        classes = tf.gather(names, top.indices)
+        if unknown_below > 0:  # an unsure top-1 is named `unknown` (its id stays the class's)
+            unsure = top.values[:, :1] < unknown_below
+            first = tf.where(unsure, tf.constant(UNKNOWN), classes[:, :1])
+            classes = tf.concat([first, classes[:, 1:]], axis=1)
+        return {"classes": classes, "probabilities": top.values, "class_ids": top.indices}
     return serve
 
 
 def export(model: keras.Model, class_names: list[str], image_size: int, export_root: str,
-           version: int, *, top_k: int = 5, overwrite: bool = False) -> str:
-    """Writes export_root/<version>/ (SavedModel + model.keras); returns its path."""
+           version: int, *, top_k: int = 5, overwrite: bool = False, temperature: float = 1.0,
+           unknown_below: float = 0.0) -> str:
+    """Writes export_root/<version>/ (SavedModel + model.keras + calibration.json); returns
+    its path. The signature returns softmax(logits / temperature); with `unknown_below` > 0 a
+    top-1 probability below it is named `unknown`."""
     version = int(version)
     top_k = max(1, min(int(top_k), len(class_names)))
     final = os.path.join(export_root, str(version))
@@ -78,10 +97,14 @@ def export(model: keras.Model, class_names: list[str], image_size: int, export_r
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(
-            name=SIGNATURE, fn=_serving_fn(model, list(class_names), image_size, top_k),
+            name=SIGNATURE, fn=_serving_fn(model, list(class_names), image_size, top_k,
+                                           float(temperature), float(unknown_below)),
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
         archive.write_out(staging, verbose=False)
         model.save(os.path.join(staging, KERAS_FILE))
+        with open(os.path.join(staging, CALIBRATION_FILE), "w") as f:
+            json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
+                      f, indent=2)
         if os.path.exists(final):  # overwrite: move the old one aside, then swap
             old = tempfile.mkdtemp(prefix=f".old-{version}-", dir=export_root)
             os.replace(final, os.path.join(old, "export"))
@@ -89,6 +112,63 @@ def export(model: keras.Model, class_names: list[str], image_size: int, export_r
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+TFLITE_FILES = {"float32": "model.tflite", "float16": "model_float16.tflite"}
+
+
+def _tflite_bytes(model: keras.Model, image_size: int, temperature: float,
+                  float16: bool) -> bytes:
+    """The TFLite flatbuffer of pixels -> calibrated probabilities. It goes through a SavedModel:
+    converting the tf.function directly (from_concrete_functions) leaves Keras 3's variables
+    unfrozen, and the model then returns NaN (XNNPACK) or fails to read them."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name=SIGNATURE, fn=lambda pixels: {"probabilities": calibrated_probabilities(
+            model(pixels, training=False), float(temperature))},
+        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
+                                       name="pixels")])
+    with tempfile.TemporaryDirectory(prefix="tflite-saved-model-") as saved:
+        archive.write_out(saved, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
+        if float16:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
+
+
+def export_tflite(model: keras.Model, class_names: list[str], image_size: int, export_root: str,
+                  version: int, *, temperature: float = 1.0, unknown_below: float = 0.0,
+                  overwrite: bool = False) -> str:
+    """Writes export_root/<version>/ with model.tflite (float32), model_float16.tflite (float16
+    weights, computed in float32), classes.json and calibration.json (T, and the
+    `unknown_below` threshold for the app to apply); returns its path. Each
+    model takes `pixels`, float32 [N, image_size, image_size, 3] in 0-255 (the image decoded and
+    resized as data.decode.decode_and_resize does: TFLite has no JPEG decoder) and returns
+    `probabilities` [N, classes], softmax(logits / temperature). Staged, then renamed."""
+    final = os.path.join(export_root, str(int(version)))
+    if os.path.exists(final) and not overwrite:
+        raise ExportError(f"{final} already exists (versions are never overwritten; pass "
+                          f"--overwrite or another --version)")
+    os.makedirs(export_root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
+    try:
+        for kind, name in TFLITE_FILES.items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(_tflite_bytes(model, image_size, temperature, float16=kind == "float16"))
+        with open(os.path.join(staging, "classes.json"), "w") as f:
+            json.dump(list(class_names), f, indent=2)
+        with open(os.path.join(staging, CALIBRATION_FILE), "w") as f:
+            json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
+                      f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,0 +1,427 @@
+"""Issue 17: results a researcher can trust. Per-class recall and balanced accuracy (exact
+across replicas), --best_metric and early stopping (the right evaluation, the best checkpoint's
+weights in every output, a patience count that survives a restart), --class_weight=balanced,
+temperature calibration and the calibrated serving signature with --unknown_below, ...
+
+One short demo run with early stopping is trained per module and reused (one device, 32 px).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import FAST_DEMO_FLAGS, run_trainer
+from trainer.loop.step import Metrics, StepFunctions
+
+PATIENCE = 2
+UNKNOWN_BELOW = 0.5
+EARLY_FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=80", "--eval_every_steps=5",
+               f"--early_stopping_patience={PATIENCE}", "--best_metric=valid/loss",
+               "--distribution_strategy=one_device", "--noeval_figures")
+# A run trained to about 80% accuracy, its export calibrated (the early-stopped one is too
+# little trained for calibration to mean much).
+CALIBRATED_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=10", "--train_steps=40",
+                    "--distribution_strategy=one_device", "--noeval_figures",
+                    f"--unknown_below={UNKNOWN_BELOW}", "--high_loss_scan=100000")
+
+
+@pytest.fixture(scope="module")
+def early_run(demo_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("research") / "run"
+    args = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *EARLY_FLAGS)
+    result = run_trainer(*args)
+    return model_dir, args, result.stdout, json.loads((model_dir / "results.json").read_text())
+
+
+MISLABELLED = 3  # images of `one` planted in train/seven
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(demo_dir, tmp_path_factory):
+    """The demo data with MISLABELLED `one` images moved into train/seven (valid and test as
+    they are), trained for 40 steps."""
+    import shutil
+    root = tmp_path_factory.mktemp("calibrated")
+    data = root / "data"
+    shutil.copytree(demo_dir, data, ignore=shutil.ignore_patterns(".check_cache.json"))
+    for i, path in enumerate(sorted((data / "train" / "one").iterdir())[:MISLABELLED]):
+        path.rename(data / "train" / "seven" / f"mislabelled_{i}.jpg")
+    model_dir = root / "run"
+    result = run_trainer(f"--data_dir={data}", f"--model_dir={model_dir}", *CALIBRATED_FLAGS)
+    return model_dir, result.stdout, json.loads((model_dir / "results.json").read_text())
+
+
+def _valid_losses(stdout: str) -> dict[int, float]:
+    """step -> valid loss of each evaluation during training, from the console."""
+    losses, step = {}, None
+    for line in stdout.splitlines():
+        match = re.match(r"epoch \d+ step (\d+)/", line)
+        if match:
+            step = int(match.group(1))
+        match = re.match(r"  valid loss (\S+) acc", line)
+        if match:
+            losses[step] = float(match.group(1))
+    return losses
+
+
+# --- per-class recall and balanced accuracy ------------------------------------------------------
+def test_per_class_recall_is_exact_across_two_replicas(two_replicas):
+    num_classes = 4
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 0, 1, 0, 2], "int32")  # class 3 absent
+    predicted = np.array([0, 1, 0, 1, 1, 2, 0, 0, 0, 3, 0, 2], "int32")
+    logits = np.eye(num_classes, dtype="float32")[predicted] * 5.0
+    weights = np.ones(len(labels), "float32")
+    weights[-2:] = 0.0  # padding: not counted
+    with two_replicas.scope():
+        model = keras.Sequential([keras.Input((num_classes,)), keras.layers.Identity()])
+        optimizer = keras.optimizers.SGD()
+        optimizer.build(model.trainable_variables)
+        eval_metrics = Metrics.create("b", num_classes)
+    steps = StepFunctions(two_replicas, model, optimizer, global_batch_size=4,
+                          train_metrics=Metrics.create("a"), eval_metrics=eval_metrics)
+    dataset = tf.data.Dataset.from_tensor_slices((logits, labels, weights)).batch(4)
+    steps.eval_loop(two_replicas.experimental_distribute_dataset(dataset))
+    values = eval_metrics.results()
+    counted = weights > 0
+    expected = [float(np.mean(predicted[counted & (labels == c)] == c)) for c in range(3)]
+    assert values["per_class_recall"][:3] == pytest.approx(expected)
+    assert values["per_class_recall"][3] is None
+    assert values["balanced_accuracy"] == pytest.approx(np.mean(expected))
+    assert values["images"] == 10
+
+
+# --- best metric and early stopping --------------------------------------------------------------
+def test_early_stopping_stops_at_the_right_evaluation_and_outputs_the_best(early_run):
+    model_dir, _, stdout, results = early_run
+    losses = _valid_losses(stdout)
+    steps = sorted(losses)
+    # Replay the rule: stop at the first evaluation that is the PATIENCE-th without a lower loss.
+    best_step, since, stop_step = steps[0], 0, None
+    for step in steps[1:]:
+        if losses[step] < losses[best_step]:
+            best_step, since = step, 0
+        else:
+            since += 1
+        if since >= PATIENCE:
+            stop_step = step
+            break
+    assert stop_step is not None and stop_step < 80, losses  # the run did stop early
+    assert steps[-1] == stop_step  # ... and evaluated no further
+    assert results["steps"] == stop_step and results["weights_step"] == best_step
+    assert results["stopped"].startswith(f"early stopping at step {stop_step}: valid/loss has "
+                                         f"not improved for {PATIENCE} evaluations")
+    assert results["stopped"] in stdout
+    assert results["best_checkpoint"]["metric"] == "valid/loss"
+    assert results["best_checkpoint"]["step"] == best_step
+    # The final valid evaluation is of the best weights, and so is the exported model file.
+    assert round(results["splits"]["valid"]["loss"], 4) == losses[best_step]
+    from trainer.state.run_dir import SavedRun
+    run = SavedRun.load(str(model_dir))
+    best_model = run.restore_model(run.checkpoint_path("best"))
+    exported = keras.models.load_model(model_dir / "model.keras")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(exported(images), best_model(images), atol=1e-5)
+    assert results["export_dir"].endswith(f"export/{stop_step}")
+
+
+def test_a_restart_of_an_early_stopped_run_trains_nothing(early_run):
+    model_dir, args, _, results = early_run
+    again = run_trainer(*args)
+    assert f"is finished ({results['steps']} of 80 steps, stopped early)" in again.stdout
+    assert not re.search(r"^epoch \d+ step", again.stdout, re.MULTILINE)
+
+
+def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
+    from trainer.state.checkpoints import BestCheckpoint
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    checkpoint = tf.train.Checkpoint(model=model)
+    best = BestCheckpoint(str(tmp_path / "best"), checkpoint, metric="valid/loss")
+    assert best.update(5, 1.0) and not best.update(10, 1.5)
+    saved = checkpoint.write(str(tmp_path / "ckpt"))  # the latest checkpoint at step 10
+    assert best.update(15, 0.5)  # a later best (best.json now names step 15)
+    # A restart from the step-10 checkpoint counts from step 5's record, not best.json's.
+    again_checkpoint = tf.train.Checkpoint(model=model)
+    again = BestCheckpoint(str(tmp_path / "best"), again_checkpoint, metric="valid/loss")
+    again_checkpoint.read(saved).assert_existing_objects_matched()
+    assert again.evaluations_since_best == 1
+    assert not again.update(15, 1.2) and again.evaluations_since_best == 2
+    # A changed metric starts anew: the first evaluation is the best.
+    other = BestCheckpoint(str(tmp_path / "best"), again_checkpoint, metric="valid/accuracy")
+    assert other.update(20, 0.3) and other.evaluations_since_best == 0
+
+
+# --- class weights --------------------------------------------------------------------------------
+def _demo_batch(demo_dir, per_class: dict[int, int]):
+    """Real demo JPEGs (train split) decoded to [N, 32, 32, 3]: per_class[c] images of class c."""
+    from PIL import Image
+    classes = sorted(p.name for p in (demo_dir / "train").iterdir())
+    images, labels = [], []
+    for label, count in per_class.items():
+        for path in sorted((demo_dir / "train" / classes[label]).iterdir())[:count]:
+            images.append(np.asarray(Image.open(path).convert("RGB").resize((32, 32))))
+            labels.append(label)
+    return np.stack(images).astype("float32"), np.array(labels, "int32")
+
+
+def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo_dir):
+    from trainer.state.run_state import balanced_class_weights
+    images, labels = _demo_batch(demo_dir, {0: 6, 1: 1, 2: 1})  # 8 images, class 0 common
+    weights = balanced_class_weights(labels, 4)
+    np.testing.assert_allclose(weights, [8 / (4 * 6), 8 / 4, 8 / 4, 0.0])
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4)])
+    plain_ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, model(images)).numpy()
+    soft = np.eye(4, dtype="float32")[labels] * 0.5 + np.eye(4, dtype="float32")[
+        (labels + 1) % 4] * 0.5  # MixUp-like targets: half this class, half the next
+    soft_ce = tf.nn.softmax_cross_entropy_with_logits(soft, model(images)).numpy()
+    strategy = tf.distribute.get_strategy()  # the default (one device): the plain formula
+    for targets, ce, example_weight in ((labels, plain_ce, weights[labels]),
+                                        (soft, soft_ce, soft @ weights)):
+        optimizer = keras.optimizers.SGD(learning_rate=0.0)
+        optimizer.build(model.trainable_variables)
+        steps = StepFunctions(strategy, model, optimizer, global_batch_size=8,
+                              train_metrics=Metrics.create("a"), eval_metrics=Metrics.create("b"),
+                              class_weights=weights, time_input=False)
+        dataset = tf.data.Dataset.from_tensors((images, targets, np.ones(8, "float32")))
+        losses, _ = steps.train_loop(iter(dataset.repeat()), tf.constant(1))
+        assert float(losses[0]) == pytest.approx(float(np.mean(ce * example_weight)), rel=1e-5)
+        assert float(losses[0]) != pytest.approx(float(np.mean(ce)), rel=1e-3)
+
+
+# --- calibration and the calibrated export --------------------------------------------------------
+def _split_logits(model_dir, demo_dir, split):
+    from trainer.tools import analysis
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        for path in sorted((demo_dir / split / name).iterdir()):
+            files.append(str(path))
+            labels.append(label)
+    model = keras.models.load_model(model_dir / "model.keras")
+    predictions = analysis.predict_split(model, files, labels, image_size=32, batch_size=64,
+                                         gallery_size=0)
+    return model, files, predictions.logits, np.array(labels)
+
+
+def test_the_temperature_lowers_the_valid_ece_and_keeps_every_top1(calibrated_run, demo_dir):
+    from trainer.tools import calibration
+    model_dir, stdout, results = calibrated_run
+    calibrated = results["calibration"]
+    valid = calibrated["valid"]
+    assert valid["ece_after"] < valid["ece_before"]
+    assert valid["nll_after"] < valid["nll_before"]
+    assert calibrated["test"]["accuracy_after"] == calibrated["test"]["accuracy_before"]
+    assert f"calibration on valid: ECE {valid['ece_before']:.4f} -> {valid['ece_after']:.4f}" \
+        in stdout
+    # Recomputed from the exported model file's logits: the same temperature and ECE.
+    _, _, logits, labels = _split_logits(model_dir, demo_dir, "valid")
+    temperature = calibration.fit_temperature(logits, labels)
+    assert temperature == pytest.approx(calibrated["temperature"], rel=1e-3)
+    scaled = calibration.softmax(logits, temperature)
+    assert calibration.reliability(scaled, labels).ece == pytest.approx(valid["ece_after"],
+                                                                       abs=1e-4)
+    np.testing.assert_array_equal(scaled.argmax(1), logits.argmax(1))
+    assert (model_dir / "eval").is_dir()
+
+
+def test_the_signature_returns_the_calibrated_softmax_and_unknown(calibrated_run, demo_dir):
+    from trainer.tools import calibration
+    model_dir, _, results = calibrated_run
+    temperature = results["calibration"]["temperature"]
+    export = model_dir / "export" / str(results["steps"])
+    assert json.loads((export / "calibration.json").read_text()) == {
+        "temperature": temperature, "unknown_below": UNKNOWN_BELOW}
+    model, files, logits, _ = _split_logits(model_dir, demo_dir, "test")
+    served = tf.saved_model.load(str(export)).signatures["serving_default"](
+        images=tf.constant([open(f, "rb").read() for f in files]))
+    expected = calibration.softmax(logits, temperature)
+    top = np.argsort(-expected, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(served["class_ids"].numpy()[:, 0], top[:, 0])
+    np.testing.assert_allclose(served["probabilities"].numpy(),
+                               np.take_along_axis(expected, top, 1), atol=1e-5)
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    first = [name.decode() for name in served["classes"].numpy()[:, 0]]
+    unsure = expected.max(1) < UNKNOWN_BELOW
+    assert 0 < unsure.sum() < len(files), expected.max(1)  # both kinds among these images
+    assert first == ["unknown" if u else class_names[i] for u, i in zip(unsure, top[:, 0])]
+
+
+def test_the_export_tool_applies_the_run_temperature_to_its_weights(calibrated_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    model_dir, _, results = calibrated_run
+    tool = [sys.executable, "-m", "trainer.export", f"--model_dir={model_dir}",
+            f"--export_root={tmp_path}", "--unknown_below=0.3"]
+    done = subprocess.run(tool, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    temperature = results["calibration"]["temperature"]
+    assert f"temperature {temperature:.4g} (fitted on valid for step 40)" in done.stdout
+    assert json.loads((tmp_path / "40" / "calibration.json").read_text()) == {
+        "temperature": temperature, "unknown_below": 0.3}
+    bad = subprocess.run(tool + ["--temperature=-1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=180)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--temperature must be auto or a number > 0" in bad.stderr
+
+
+# --- TFLite ---------------------------------------------------------------------------------------
+def _tflite_probabilities(path, pixels: np.ndarray) -> np.ndarray:
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], pixels.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def test_the_tflite_models_agree_with_the_saved_model_on_the_test_split(calibrated_run, demo_dir,
+                                                                         tmp_path):
+    import subprocess
+    import sys
+
+    from data import decode
+    from tests.conftest import REPO
+    model_dir, _, results = calibrated_run
+    done = subprocess.run([sys.executable, "-m", "trainer.export", f"--model_dir={model_dir}",
+                           "--format=tflite", f"--export_root={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "40"
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    assert json.loads((out / "classes.json").read_text()) == class_names
+    files = sorted(str(p) for p in (demo_dir / "test").rglob("*.jpg"))
+    encoded = [open(f, "rb").read() for f in files]
+    served = tf.saved_model.load(str(model_dir / "export" / "40")).signatures[
+        "serving_default"](images=tf.constant(encoded))
+    pixels = np.stack([decode.decode_and_resize(tf.constant(data), 32).numpy()
+                       for data in encoded]).astype("float32")
+    float32 = _tflite_probabilities(out / "model.tflite", pixels)
+    np.testing.assert_array_equal(float32.argmax(1), served["class_ids"].numpy()[:, 0])
+    np.testing.assert_allclose(float32.max(1), served["probabilities"].numpy()[:, 0], atol=1e-4)
+    # float16 weights round each weight to 11 significant bits: a near-tie may flip.
+    float16 = _tflite_probabilities(out / "model_float16.tflite", pixels)
+    assert np.mean(float16.argmax(1) == float32.argmax(1)) >= 0.99
+    assert len(files) == 270
+
+
+# --- duplicates and leakage in the data check -----------------------------------------------------
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A photo set (data/photos.py, 160 px) with an exact copy of a train image planted in test
+    and a 0.6x resized, re-encoded copy of another planted in valid."""
+    from PIL import Image
+
+    from data import photos
+    root = tmp_path_factory.mktemp("planted") / "photos"
+    photos.build(str(root), image_size=160, num_classes=4, per_class=16, eval_per_class=4)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    exact_source = sorted((root / "train" / classes[0]).iterdir())[3]
+    exact_copy = root / "test" / classes[0] / "copy_of_train.jpg"
+    exact_copy.write_bytes(exact_source.read_bytes())
+    resized_source = sorted((root / "train" / classes[2]).iterdir())[5]
+    resized_copy = root / "valid" / classes[2] / "resized_copy.jpg"
+    image = Image.open(resized_source)
+    image.resize((int(image.width * 0.6), int(image.height * 0.6))).save(resized_copy, quality=80)
+    rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    return root, (rel(exact_copy), rel(exact_source)), (rel(resized_source), rel(resized_copy))
+
+
+def test_the_data_check_finds_a_planted_copy_and_a_resized_copy_across_splits(planted,
+                                                                              tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    root, exact, resized = planted
+    for attempt in ("decoded", "cached"):  # the hashes are cached with the other results
+        done = subprocess.run([sys.executable, "-m", "data.check", f"--data_dir={root}",
+                               f"--json={tmp_path / 'report.json'}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        leakage = done.stdout.split("train/valid/test leakage")[1].split("within a split")[0]
+        assert f"{exact[0]} <-> {exact[1]} (same bytes)" in leakage, (attempt, done.stdout)
+        assert re.search(re.escape(f"{resized[0]} <-> {resized[1]} (near, ") + r"\d+ bits apart",
+                         leakage), (attempt, done.stdout)
+        report = json.loads((tmp_path / "report.json").read_text())
+        pairs = {tuple(d["files"]): d for d in report["duplicates"]}
+        assert pairs[exact]["kind"] == "exact" and pairs[exact]["splits"] == ["test", "train"]
+        assert pairs[resized]["kind"] == "near" and pairs[resized]["splits"] == ["train", "valid"]
+        assert "image pair(s) in two splits (train/valid/test leakage" in done.stdout
+    assert "(0 files decoded" in done.stdout
+
+
+# --- the highest-loss training images -------------------------------------------------------------
+def test_the_high_loss_gallery_shows_the_planted_mislabelled_images(calibrated_run):
+    from tensorflow.core.util import event_pb2
+    model_dir, _, _ = calibrated_run
+    texts, images = {}, set()
+    for path in (model_dir / "train").glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == "train/high_loss_files":
+                    texts[event.step] = tf.make_ndarray(value.tensor).item().decode()
+                if value.tag == "train/high_loss":
+                    images.add(event.step)
+    assert sorted(texts) == sorted(images) == [39, 40]  # each valid evaluation, and the final
+    rows = [line.split(" | ") for line in texts[40].splitlines()[2:]]
+    assert len(rows) == 12
+    planted = [row for row in rows if "mislabelled_" in row[0]]
+    assert len(planted) == MISLABELLED, texts[40]
+    assert all(row[1] == "seven" and row[2] != "seven" for row in planted)
+    losses = [float(row[3].rstrip(" |")) for row in rows]
+    assert losses == sorted(losses, reverse=True)
+
+
+def test_the_temperature_minimises_the_nll_and_is_not_fitted_to_a_perfect_split():
+    from trainer.tools import calibration
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 500)
+    logits = rng.normal(size=(500, 5)) + 2.0 * np.eye(5)[labels]
+    logits *= 3.0  # over-confident: the fitted temperature is above 1
+    temperature = calibration.fit_temperature(logits, labels)
+    grid = np.exp(np.linspace(-2, 2, 4001))
+    best = grid[np.argmin([calibration.negative_log_likelihood(logits, labels, t)
+                           for t in grid])]
+    assert temperature == pytest.approx(best, rel=2e-3) and temperature > 1
+    perfect = 10.0 * np.eye(5)[labels]
+    assert calibration.fit_temperature(perfect, labels) == 1.0
+
+
+# --- test-time augmentation -----------------------------------------------------------------------
+def test_evaluate_with_flip_tta_averages_the_softmax_of_image_and_mirror(calibrated_run, tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from data import decode
+    from tests.conftest import REPO
+    from trainer.tools import calibration
+    model_dir, _, _ = calibrated_run
+    done = subprocess.run([sys.executable, "-m", "trainer.evaluate", f"--model_dir={model_dir}",
+                           "--split=test", "--tta=flip", f"--output_dir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test-time augmentation flip" in done.stdout
+    report = json.loads((tmp_path / "test-step40-tta-flip.json").read_text())
+    assert report["tta"] == "flip" and report["images"] == 270
+    with open(tmp_path / "test-step40-tta-flip-predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[::10]
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    model = keras.models.load_model(model_dir / "model.keras")
+    pixels = np.stack([decode.decode_and_resize(tf.io.read_file(r["file"]), 32).numpy()
+                       for r in rows]).astype("float32")
+    mean = (calibration.softmax(model(pixels).numpy()) +
+            calibration.softmax(model(pixels[:, :, ::-1]).numpy())) / 2
+    plain = calibration.softmax(model(pixels).numpy())
+    assert [class_names[i] for i in mean.argmax(1)] == [r["predicted"] for r in rows]
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], mean.max(1), atol=1e-4)
+    assert not np.allclose(plain.max(1), mean.max(1), atol=1e-3)  # the mirror counted
