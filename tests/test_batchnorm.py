@@ -244,3 +244,22 @@ def test_xla_on_two_replicas_gives_the_losses_and_weights_of_the_plain_step(two_
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
     assert xla_eval["images"] == plain_eval["images"] == 16
     np.testing.assert_allclose(xla_eval["loss"], plain_eval["loss"], rtol=1e-4)
+
+
+def test_the_input_timer_is_off_for_replicas_sharing_the_cpu_and_on_for_one(two_replicas):
+    """The timer's control dependencies cost about 2x with 2 logical CPU replicas
+    (docs/benchmarks.md); with one replica it measures the input wait exactly and stays on."""
+    keras.mixed_precision.set_global_policy("float32")
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    for strategy, timed in ((two_replicas, False), (one, True)):
+        with strategy.scope():
+            model = _bn_model(FusedBatchNormalization)
+            optimizer = keras.optimizers.SGD(learning_rate=0.0)
+            optimizer.build(model.trainable_variables)
+        steps = _step_functions(strategy, model, optimizer, 4, time_input=True)
+        assert steps.time_input is timed
+        batch = (np.zeros((8, 4, 4, 3), np.float32), np.zeros(8, np.int32), np.ones(8, np.float32))
+        per_replica = 4 // strategy.num_replicas_in_sync  # two global batches of 4
+        _, seconds = steps.train_loop(_per_replica_batches(strategy, batch, per_replica),
+                                      tf.constant(2))
+        assert (float(seconds) > 0) is timed

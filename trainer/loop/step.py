@@ -111,6 +111,13 @@ def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float =
     return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
+def replicas_share_the_cpu(strategy: tf.distribute.Strategy) -> bool:
+    """Several replicas of this process on logical CPU devices (--cpu_devices), which share the
+    same cores."""
+    devices = strategy.extended.worker_devices
+    return len(devices) > 1 and all("CPU" in device.upper() for device in devices)
+
+
 class StepFunctions:
     """Holds the model, optimizer and metrics the compiled steps close over."""
 
@@ -130,8 +137,11 @@ class StepFunctions:
         self.train_metrics = train_metrics
         self.eval_metrics = eval_metrics
         self.clip_grad_norm = clip_grad_norm
-        # Off under op determinism, which refuses tf.timestamp.
-        self.time_input = time_input
+        # Off under op determinism, which refuses tf.timestamp, and with several replicas on one
+        # host's CPU: there the timer's control dependencies (each step's input waits for the
+        # previous step's loss) halved the step rate (docs/benchmarks.md, "Input timer"), and
+        # the share it measures is only an upper bound anyway.
+        self.time_input = time_input and not replicas_share_the_cpu(strategy)
         self.gradient_norm = gradient_norm  # optional: mean global gradient norm (before clipping)
         self.label_smoothing = label_smoothing
         self.grad_accum_steps = grad_accum_steps
