@@ -229,7 +229,7 @@ def _losses_and_weights(strategy, xla: bool):
         optimizer = keras.optimizers.Adam(learning_rate=1e-3)
         optimizer.build(model.trainable_variables)
     steps = _step_functions(strategy, model, optimizer, 8, xla=xla)
-    losses, _ = steps.train_loop(_per_replica_batches(strategy, batch, 4), tf.constant(2))
+    losses, *_ = steps.train_loop(_per_replica_batches(strategy, batch, 4), tf.constant(2))
     steps.eval_metrics.reset()
     steps.eval_loop(strategy.distribute_datasets_from_function(
         lambda context: tf.data.Dataset.from_tensor_slices(batch).batch(4)))

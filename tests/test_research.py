@@ -189,7 +189,7 @@ def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo
                               train_metrics=Metrics.create("a"), eval_metrics=Metrics.create("b"),
                               class_weights=weights, time_input=False)
         dataset = tf.data.Dataset.from_tensors((images, targets, np.ones(8, "float32")))
-        losses, _ = steps.train_loop(iter(dataset.repeat()), tf.constant(1))
+        losses, *_ = steps.train_loop(iter(dataset.repeat()), tf.constant(1))
         assert float(losses[0]) == pytest.approx(float(np.mean(ce * example_weight)), rel=1e-5)
         assert float(losses[0]) != pytest.approx(float(np.mean(ce)), rel=1e-3)
 
