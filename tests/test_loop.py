@@ -134,7 +134,8 @@ CHANGES = {"model": "small_resnet", "image_size": 40, "optimizer": "sgd", "batch
            "momentum": 0.5, "clip_grad_norm": 1.0, "label_smoothing": 0.1, "mixup_alpha": 0.2,
            "cutmix_alpha": 0.2, "randaugment": "2,9", "crop_min_area": 0.5,
            "random_flip": False, "grad_accum_steps": 2, "backbone_lr_multiplier": 0.1,
-           "freeze_backbone_epochs": 1.0, "ema_decay": 0.9, "mixed_precision": "bfloat16"}
+           "freeze_backbone_epochs": 1.0, "ema_decay": 0.9, "mixed_precision": "bfloat16",
+           "class_weight": "balanced"}
 
 
 @pytest.mark.parametrize("name", sorted(set(resume.FIXED) | set(resume.CHANGEABLE)))
