@@ -271,6 +271,7 @@ def test_keras_files_load_and_predict_the_same(trained, test_evaluation):
     import keras
     import tensorflow as tf
 
+    import models.batchnorm  # noqa: F401  (registers the fused BatchNorm layer, as the README says)
     from data import decode
     model_dir, _, results = trained
     _, rows, _ = test_evaluation
