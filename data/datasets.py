@@ -102,10 +102,32 @@ class EpochPlan:
                 tf.ones([], tf.float32), tf.cast(index, tf.int32))
 
 
+def epoch_order(labels: tf.Tensor, epoch_seed: tf.Tensor, balanced: bool) -> tf.Tensor:
+    """The item index at each position of an epoch: a stateless permutation of all items, or
+    with `balanced` a class-balanced sample of as many positions (each draws a class uniformly
+    among those present, then one of its items uniformly: minority classes repeat, majority
+    classes are sampled), both functions of (seed, epoch) only."""
+    num_items = tf.size(labels)
+    seed = tf.stack([epoch_seed, tf.constant(0, tf.int64)])
+    if not balanced:
+        return tf.argsort(tf.random.stateless_uniform([num_items], seed))
+    by_class = tf.argsort(labels, stable=True)  # item indices grouped by class
+    counts = tf.math.bincount(labels)
+    starts = tf.cumsum(counts, exclusive=True)
+    present = tf.cast(tf.where(counts > 0)[:, 0], tf.int32)
+    pick = tf.random.stateless_uniform([num_items], seed + 1, 0, tf.size(present), tf.int32)
+    classes = tf.gather(present, pick)
+    within = tf.cast(tf.random.stateless_uniform([num_items], seed + 2) *
+                     tf.cast(tf.gather(counts, classes), tf.float32), tf.int32)
+    within = tf.minimum(within, tf.gather(counts, classes) - 1)
+    return tf.gather(by_class, tf.gather(starts, classes) + within)
+
+
 def random_access_epochs(plan: EpochPlan, seed: int, items: tf.data.Dataset, lookup,
-                         labels: tf.Tensor, image_size: int, augment: Augment) -> tf.data.Dataset:
-    """This pipeline's examples of each global batch, from a stateless permutation of all items
-    per epoch (see the module doc). `items` yields one element holding every item (all decoded
+                         labels: tf.Tensor, image_size: int, augment: Augment,
+                         balanced: bool = False) -> tf.data.Dataset:
+    """This pipeline's examples of each global batch, from `epoch_order` over all items per
+    epoch (see the module doc). `items` yields one element holding every item (all decoded
     images, or all paths); `lookup(element, index)` -> uint8 image; `labels`: all labels."""
     per_pipeline_batch = plan.per_replica_batch * plan.replicas_per_pipeline
     global_batch = per_pipeline_batch * plan.num_pipelines
@@ -113,9 +135,8 @@ def random_access_epochs(plan: EpochPlan, seed: int, items: tf.data.Dataset, loo
 
     def one_epoch(epoch):
         epoch_seed = _epoch_seed(seed, epoch)
-        # The epoch's order: a stateless permutation of (seed, epoch), whatever the global seed.
-        order = tf.argsort(tf.random.stateless_uniform(
-            [plan.num_items], tf.stack([epoch_seed, tf.constant(0, tf.int64)])))
+        # The epoch's order: a function of (seed, epoch), whatever the global seed.
+        order = epoch_order(labels, epoch_seed, balanced)
         steps = tf.range(plan.first(epoch) // per_pipeline_batch, plan.epoch_steps)
         positions = tf.reshape(steps[:, None] * global_batch + own[None, :], [-1])
 
@@ -189,15 +210,19 @@ def train_dataset(files, labels, *, image_size: int, global_batch_size: int, see
                   start_step: int, total_steps: int, augment: Augment = Augment(),
                   cache="memory", context: tf.distribute.InputContext | None = None,
                   mix: Mix | None = None, cache_dir: str | None = None,
-                  log=None, with_ids: bool = False) -> tf.data.Dataset:
+                  log=None, with_ids: bool = False, balanced: bool = False) -> tf.data.Dataset:
     """Per-replica training batches (images, labels, weights) of image files for global steps
     [start_step, total_steps); with an enabled `mix`, float32 images and soft labels
-    [B, classes]; `with_ids` adds each image's index in `files` (int32 [B]). `cache`: "memory"
+    [B, classes]; `with_ids` adds each image's index in `files` (int32 [B]); `balanced`: the
+    class-balanced order of `epoch_order` (not with the disk cache). `cache`: "memory"
     (decode every file once into one uint8 tensor), "none" (decode every time), "disk" (this
     pipeline's share decoded into chunks under `cache_dir`, see data/diskcache.py)."""
     plan = EpochPlan.make(len(files), global_batch_size, start_step, total_steps, context)
     mode = cache_mode(cache)
     if mode == "disk":
+        if balanced:
+            raise ValueError("balanced sampling needs --cache_images=memory or none (the disk "
+                             "cache is read in blocks)")
         from data import diskcache
         shard_files = list(files)[plan.pipeline_id::plan.num_pipelines]
         shard_labels = tf.constant(list(labels)[plan.pipeline_id::plan.num_pipelines], tf.int32)
@@ -211,11 +236,13 @@ def train_dataset(files, labels, *, image_size: int, global_batch_size: int, see
             lambda path: read_and_resize(path, image_size), num_parallel_calls=AUTOTUNE)
         ds = random_access_epochs(plan, seed, images.batch(len(files)).cache(),
                                   lambda all_images, i: all_images[i],
-                                  tf.constant(list(labels), tf.int32), image_size, augment)
+                                  tf.constant(list(labels), tf.int32), image_size, augment,
+                                  balanced)
     else:
         ds = random_access_epochs(plan, seed, tf.data.Dataset.from_tensors(list(files)),
                                   lambda paths, i: read_and_resize(paths[i], image_size),
-                                  tf.constant(list(labels), tf.int32), image_size, augment)
+                                  tf.constant(list(labels), tf.int32), image_size, augment,
+                                  balanced)
     return batch_and_mix(ds, plan, seed=seed, mix=mix, with_ids=with_ids)
 
 

@@ -65,7 +65,7 @@ class PackedSource:
                       start_step: int, total_steps: int, augment: Augment = Augment(),
                       cache="memory", context=None, mix: Mix | None = None,
                       cache_dir: str | None = None, log=None,
-                      with_ids: bool = False) -> tf.data.Dataset:
+                      with_ids: bool = False, balanced: bool = False) -> tf.data.Dataset:
         plan = EpochPlan.make(len(split), global_batch_size, start_step, total_steps, context)
         n, pid = plan.num_pipelines, plan.pipeline_id
         labels = tf.constant(split.labels[pid::n], tf.int32)
@@ -78,7 +78,11 @@ class PackedSource:
                 num_parallel_calls=AUTOTUNE).batch(len(split))
             in_order = decoded.map(lambda images, local: tf.gather(images, tf.argsort(local)))
             ds = random_access_epochs(plan, seed, in_order.cache(), lambda items, i: items[i],
-                                      tf.constant(split.labels, tf.int32), image_size, augment)
+                                      tf.constant(split.labels, tf.int32), image_size, augment,
+                                      balanced)
+        elif balanced:
+            raise ValueError("balanced sampling of packed data needs --cache_images=memory (the "
+                             "shards are read in blocks otherwise)")
         elif mode == "disk":
             chunks = self._disk_cache(split.name, paths, plan, image_size, cache_dir, log)
             ds = grouped_epochs(plan, seed, chunks.sizes, chunks.load_group, labels, image_size,

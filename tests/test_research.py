@@ -425,3 +425,35 @@ def test_evaluate_with_flip_tta_averages_the_softmax_of_image_and_mirror(calibra
     assert [class_names[i] for i in mean.argmax(1)] == [r["predicted"] for r in rows]
     np.testing.assert_allclose([float(r["probability"]) for r in rows], mean.max(1), atol=1e-4)
     assert not np.allclose(plain.max(1), mean.max(1), atol=1e-3)  # the mirror counted
+
+
+# ---- balanced sampling ------------------------------------------------------------------------
+def _epoch_ids(files, labels, **kwargs):
+    from data import datasets
+    batches = datasets.train_dataset(files, labels, image_size=16, global_batch_size=32, seed=4,
+                                     cache="none", with_ids=True, **kwargs)
+    return [int(i) for _, _, _, ids in batches for i in ids.numpy()]
+
+
+def test_balanced_sampling_draws_classes_evenly_and_resumes_exactly(demo_dir):
+    from data import layout
+    split = layout.scan_split(str(demo_dir), "train", layout.train_class_names(str(demo_dir)))
+    # Keep all of class 0 and a tenth of every other class: 10% vs 1% of the images each.
+    keep = [i for i, label in enumerate(split.labels) if label == 0 or i % 10 == 0]
+    files = [split.files[i] for i in keep]
+    labels = [split.labels[i] for i in keep]
+    epoch = len(files) // 32  # steps per epoch
+    plain = np.bincount([labels[i] for i in _epoch_ids(files, labels, start_step=0,
+                                                       total_steps=epoch)], minlength=10)
+    ids = _epoch_ids(files, labels, start_step=0, total_steps=2 * epoch, balanced=True)
+    balanced = np.bincount([labels[i] for i in ids], minlength=10)
+    assert plain[0] > 5 * plain[1:].mean()  # the plain order follows the imbalance
+    # Even up to sampling noise: every class within 4 standard deviations (binomial) of the mean.
+    mean = balanced.mean()
+    assert (np.abs(balanced - mean) < 4 * np.sqrt(mean)).all(), balanced
+    assert not (np.abs(plain - plain.mean()) < 4 * np.sqrt(plain.mean())).all()
+    # A resume mid-way (in the second epoch) draws the very same positions.
+    resumed = _epoch_ids(files, labels, start_step=epoch + 3, total_steps=2 * epoch,
+                         balanced=True)
+    assert resumed == ids[(epoch + 3) * 32:]
+    assert ids[:epoch * 32] != ids[epoch * 32:]  # another draw each epoch

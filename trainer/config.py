@@ -81,6 +81,7 @@ class Config:
     best_metric: str = 'valid/accuracy'  # a key of trainer/state/checkpoints.BEST_METRICS
     early_stopping_patience: int = 0  # valid evaluations without improvement; 0 = off
     class_weight: str = 'none'  # none | balanced (loss weights from the train class counts)
+    balanced_sampling: bool = False  # each epoch draws classes evenly (data/datasets.py)
     unknown_below: float = 0.0  # the export names a top-1 probability below this `unknown`
     # TensorBoard extras
     eval_figures: bool = True

@@ -147,6 +147,10 @@ flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience, "Sto
 flags.DEFINE_enum("class_weight", _D.class_weight, ["none", "balanced"], "`balanced` weighs "
                   "each training example's loss by n_images / (n_classes * n_images_of_its_class)"
                   " of the train split (evaluation losses stay unweighted).")
+flags.DEFINE_boolean("balanced_sampling", _D.balanced_sampling, "Each epoch draws its "
+                     "positions class by class evenly (a class uniformly, then one of its images;"
+                     " minority classes repeat), still a function of seed and epoch, so resume "
+                     "stays exact. Needs --cache_images=memory or none.")
 flags.DEFINE_float("unknown_below", _D.unknown_below, "The exported serving signature returns "
                    "the class name `unknown` when the calibrated top-1 probability is below "
                    "this; 0: off.", lower_bound=0.0, upper_bound=1.0)
@@ -358,6 +362,13 @@ def _image_size_fits_model(values):
     if values["image_size"] < smallest:
         raise flags.ValidationError(f"--model={values['model']} needs --image_size >= {smallest}")
     return True
+
+
+@flags.multi_flags_validator(["balanced_sampling", "cache_images"],
+                             message="--balanced_sampling needs --cache_images=memory or none "
+                                     "(the disk cache is read in blocks)")
+def _balanced_sampling_reads_any_image(values):
+    return not values["balanced_sampling"] or values["cache_images"] != "disk"
 
 
 @flags.validator("allow_change")

@@ -143,6 +143,8 @@ def train_iterator(config: Config, plan: RunPlan, inputs: Inputs, strategy, posi
                 global_batch_size=plan.global_batch_size, seed=config.seed,
                 num_steps=end_position - position, context=context)
         extra = {"with_ids": True} if config.debug_record_batches else {}
+        if config.balanced_sampling:
+            extra["balanced"] = True
         dataset = inputs.source.train_dataset(
             inputs.train, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=position,

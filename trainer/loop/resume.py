@@ -56,6 +56,7 @@ CHANGEABLE = {
     "ema_decay": "the averages go on with the new decay",
     "mixed_precision": "the compute precision changes from this step on (weights stay float32)",
     "class_weight": "the loss weights per class change from this step on",
+    "balanced_sampling": "the epochs' order changes from this step on",
 }
 SCHEDULE_FLAGS = ("epochs", "train_steps", "base_lr", "scale_lr", "warmup_epochs")
 
