@@ -51,10 +51,8 @@ def main(argv: list[str]) -> int:
         bucket, _, prefix = data_dir[len("s3://"):].partition("/")
         data_dir = os.path.join(run.config.get("data_cache_dir") or "dataset", bucket,
                                 prefix.strip("/"))
+    checkpoint = run.checkpoint_path(FLAGS.checkpoint)  # a bad one is answered before the scan
     files = _split_files(data_dir, run)
-
-
-    checkpoint = run.checkpoint_path(FLAGS.checkpoint)
     tf = tool_flags.import_tensorflow()  # only now: the checks above answer at once
 
     from trainer.tools import analysis
