@@ -168,7 +168,9 @@ def _controller(state: RunState) -> Controller:
         extras.append(actions.BatchIdsLog(os.path.join(state.work_dir, "batch_ids.tsv")))
     if state.chief and config.eval_figures:
         extras.append(actions.EvalFigures(state))
-    if state.chief and config.high_loss_scan and not state.inputs.synthetic:
+    # Image folders only: packed data has no files to show or fix.
+    if state.chief and config.high_loss_scan and not state.inputs.synthetic and \
+            getattr(state.inputs.source, "kind", "") == "folder":
         extras.append(actions.HighLossGallery(state))
     log(f"training {config.model} on {plan.num_train_images} images, "
         f"{len(state.inputs.class_names)} classes, {plan.num_replicas} replica(s), global batch "
