@@ -31,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 
 from data.augment import Augment, Mix, augment_image, mix_batch
-from data.decode import decode_and_resize, read_and_resize
+from data.decode import (check_crop_fraction, decode_and_resize, read_and_resize,
+                         read_for_eval)
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -274,8 +275,11 @@ def batch_and_mix(ds: tf.data.Dataset, plan: EpochPlan, *, seed: int, mix: Mix |
 
 
 def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cache="memory",
-                 context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-    """Every image once, in file order, padded with weight-0 copies to whole global batches."""
+                 context: tf.distribute.InputContext | None = None,
+                 eval_crop: float = 1.0) -> tf.data.Dataset:
+    """Every image once, in file order, padded with weight-0 copies to whole global batches;
+    pixels of data.decode.decode_for_eval with `eval_crop` (1: squashed, F < 1: centre crop)."""
+    eval_crop = check_crop_fraction(eval_crop)
     num_pipelines, pipeline_id, replicas_per_pipeline = _pipeline_shard(context)
     per_replica_batch = global_batch_size // (num_pipelines * replicas_per_pipeline)
     files, labels = list(files), list(labels)
@@ -287,7 +291,8 @@ def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cach
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.constant(files), tf.constant(labels, tf.int32), tf.constant(weights, tf.float32)))
     ds = ds.shard(num_pipelines, pipeline_id)
-    ds = ds.map(lambda p, y, w: (read_and_resize(p, image_size), y, w), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda p, y, w: (read_for_eval(p, image_size, eval_crop), y, w),
+                num_parallel_calls=AUTOTUNE)
     if cache_mode(cache) == "memory":  # disk: eval sets are small, streamed
         ds = ds.cache()
     return ds.batch(per_replica_batch, drop_remainder=True).prefetch(AUTOTUNE)

@@ -1,6 +1,23 @@
 """Decoding image bytes to uint8 RGB, shared by training, evaluation, the data check, packing and
-the exported model, so that all see identical pixels."""
+the exported model, so that all see identical pixels.
+
+Evaluation pixels (the trainer's evaluations, `trainer.evaluate`, the SavedModel's serving
+signature, and what a TFLite app must feed) come from ONE function, `decode_for_eval`, with the
+run's --eval_crop=F:
+
+* F = 1.0 (the default): the whole image squashed to image_size x image_size (`resize_uint8`,
+  aspect ratio not kept), exactly as training decodes it before augmentation;
+* F < 1: the timm / big_vision convention: the short side resized to
+  floor(image_size / F) (timm: `scale_size = math.floor(img_size / crop_pct)`), the long side
+  in proportion (floor, as torchvision's Resize), then the centre image_size x image_size crop
+  (offsets (extra) // 2, as big_vision's central_crop). E.g. 224 px with F=0.875: short side
+  256, centre 224 x 224.
+
+Both resize bilinearly with antialiasing in float32, then round and clip to uint8.
+"""
 from __future__ import annotations
+
+import math
 
 import tensorflow as tf
 
@@ -33,14 +50,70 @@ def decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
                    lambda: image)
 
 
-def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
+def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return _to_uint8(image)
+
+
+def eval_scale_size(image_size: int, crop_fraction: float) -> int:
+    """The short side before the centre crop: floor(image_size / F) (timm's scale_size)."""
+    return int(math.floor(image_size / crop_fraction))
+
+
+def check_crop_fraction(crop_fraction: float) -> float:
+    crop_fraction = float(crop_fraction)
+    if not 0.0 < crop_fraction <= 1.0:  # also refuses nan
+        raise ValueError(f"eval crop fraction must be in (0, 1], not {crop_fraction}")
+    return crop_fraction
+
+
+def resize_for_eval(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0
+                    ) -> tf.Tensor:
+    """uint8 [h, w, 3] -> the evaluation pixels, uint8 [size, size, 3] (see the module doc):
+    F = 1 squashes (`resize_uint8`, bit for bit); F < 1 resizes the short side to
+    floor(size / F), keeping the aspect ratio, and takes the centre size x size."""
+    crop_fraction = check_crop_fraction(crop_fraction)
+    if crop_fraction == 1.0:
+        return resize_uint8(image, image_size)
+    scale_size = eval_scale_size(image_size, crop_fraction)
+    shape = tf.shape(image, out_type=tf.int64)
+    height, width = shape[0], shape[1]
+    short = tf.minimum(height, width)
+    # Integer arithmetic: the long side is floor(scale_size * long / short), exactly.
+    new_height = tf.where(height <= width, tf.constant(scale_size, tf.int64),
+                          scale_size * height // short)
+    new_width = tf.where(height <= width, scale_size * width // short,
+                         tf.constant(scale_size, tf.int64))
+    resized = tf.image.resize(image, tf.cast(tf.stack([new_height, new_width]), tf.int32),
+                              method="bilinear", antialias=True)
+    top = tf.cast((new_height - image_size) // 2, tf.int32)
+    left = tf.cast((new_width - image_size) // 2, tf.int32)
+    cropped = tf.image.crop_to_bounding_box(resized, top, left, image_size, image_size)
+    cropped.set_shape([image_size, image_size, 3])
+    return _to_uint8(cropped)
+
+
+def decode_for_eval(image_bytes: tf.Tensor, image_size: int, crop_fraction: float = 1.0
+                    ) -> tf.Tensor:
+    """Encoded image bytes (see `decode_rgb`) -> the evaluation pixels of --eval_crop=F,
+    uint8 [size, size, 3]: the one decoder of every evaluation, of the exported serving
+    signature and of the TFLite input (see the module doc)."""
+    return resize_for_eval(decode_rgb(image_bytes), image_size, crop_fraction)
+
+
+def read_for_eval(path: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
+    """The image file at `path` -> `decode_for_eval` pixels."""
+    return decode_for_eval(tf.io.read_file(path), image_size, crop_fraction)
+
+
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded image bytes (see `decode_rgb`) -> uint8 [size, size, 3]; shared by training,
-    evaluation, the data check and the exported model so that all see identical pixels."""
+    """Encoded image bytes (see `decode_rgb`) -> uint8 [size, size, 3], squashed: training's
+    decoding (before augmentation), packing and the disk cache; evaluation goes through
+    `decode_for_eval`, which is this for --eval_crop=1."""
     return resize_uint8(decode_rgb(image_bytes), image_size)
 
 

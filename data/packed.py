@@ -25,7 +25,7 @@ from data import diskcache
 from data.augment import Augment, Mix
 from data.datasets import (AUTOTUNE, EpochPlan, _pipeline_shard, batch_and_mix, cache_mode,
                            grouped_epochs, random_access_epochs)
-from data.decode import decode_and_resize
+from data.decode import check_crop_fraction, decode_and_resize, decode_for_eval
 from data.source import Manifest
 
 GROUP_SHARDS = 4
@@ -114,13 +114,16 @@ class PackedSource:
         return diskcache.open_or_build(cache_dir, name, key, make_stream, image_size, log)
 
     def eval_dataset(self, split, *, image_size: int, global_batch_size: int, cache="memory",
-                     context=None) -> tf.data.Dataset:
-        """Every image of `split` once, in item order, then weight-0 blanks to whole batches."""
+                     context=None, eval_crop: float = 1.0) -> tf.data.Dataset:
+        """Every image of `split` once, in item order, then weight-0 blanks to whole batches;
+        the pixels of data.decode.decode_for_eval with `eval_crop` (the records keep the
+        aspect ratio, so the centre crop is that of the source folder)."""
+        eval_crop = check_crop_fraction(eval_crop)
         n, pid, replicas = _pipeline_shard(context)
         padded = -(-len(split) // global_batch_size) * global_batch_size
         paths = [self.manifest.shard_path(s) for s in self.manifest.shards[split.name]]
         ds = _records(paths, n, pid, parallel=1).map(
-            lambda image, label, local: (decode_and_resize(image, image_size), label,
+            lambda image, label, local: (decode_for_eval(image, image_size, eval_crop), label,
                                          tf.ones([], tf.float32)), num_parallel_calls=AUTOTUNE)
         blank = (tf.zeros([image_size, image_size, 3], tf.uint8), tf.zeros([], tf.int32),
                  tf.zeros([], tf.float32))

@@ -3,7 +3,8 @@
     source = open_source(data_dir)        # FolderSource or PackedSource, by the manifest
     source.train_dataset(split_files, image_size=..., ..., cache="memory"|"disk"|"none",
                          cache_dir=..., context=...)
-    source.eval_dataset(split_files, image_size=..., global_batch_size=..., cache=..., context=...)
+    source.eval_dataset(split_files, image_size=..., global_batch_size=..., cache=..., context=...,
+                        eval_crop=F)      # pixels of data.decode.decode_for_eval
 
 A packed folder is recognised by its `manifest.json`, written last by data.pack: a folder without
 it is never read as packed data. `read_manifest` and `verify_shards` need no TensorFlow, so the

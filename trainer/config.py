@@ -25,6 +25,7 @@ class Config:
     image_size: int = 224
     cache_images: str = 'memory'  # memory, disk or none
     crop_min_area: float = 0.25
+    eval_crop: float = 1.0  # evaluation pixels: 1 squash; F < 1 short side to size/F, centre crop
     random_flip: bool = True
     skip_unknown_classes: bool = False
     on_bad_file: str = 'skip'

@@ -2,13 +2,17 @@
 
     python -m trainer.evaluate --model_dir=DIR [--split=test] [--data_dir=...]
                                [--checkpoint=latest|best|PATH] [--output_dir=...]
-                               [--tta=none|flip]
+                               [--tta=none|flip] [--eval_crop=F]
 
-Restores only the model from the checkpoint, predicts every image of the split once, and writes
+Restores only the model from the checkpoint, predicts every image of the split once with the
+run's evaluation pixels (its --eval_crop, data.decode.decode_for_eval: what its evaluations and
+export saw), and writes
 <output_dir>/<split>-step<N>.json (loss, top-1, top-5, per-class precision/recall),
 -confusion.csv and -predictions.csv (default output_dir: model_dir/evaluation), plus a
 confusion-matrix figure, a gallery of misclassified images and the per-class table to
 TensorBoard under model_dir/eval (tags <split>/confusion_matrix, <split>/misclassified).
+--eval_crop=F evaluates with another policy instead; the files are then named
+<split>-step<N>-crop<F>.* so that they never replace the run's own.
 """
 from __future__ import annotations
 
@@ -39,6 +43,13 @@ flags.DEFINE_integer("gallery_size", 24, "Misclassified images shown in the Tens
 flags.DEFINE_enum("tta", "none", ["none", "flip"], "Test-time augmentation: `flip` averages "
                   "the softmax of each image and its mirror (twice the compute); the files are "
                   "named <split>-step<N>-tta-flip.*.")
+flags.DEFINE_float("eval_crop", None, "Evaluation pixels, overriding the run's --eval_crop: 1 "
+                   "squashes the image to image_size^2; F < 1 resizes the short side to "
+                   "floor(image_size/F) and takes the centre crop. The files are then named "
+                   "<split>-step<N>-crop<F>.* (default: the run's, unsuffixed).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.register_validator("eval_crop", lambda value: value is None or value > 0,
+                         message="--eval_crop must be > 0 and <= 1")
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
 
@@ -59,22 +70,27 @@ def main(argv: list[str]) -> int:
     step = run.checkpoint_step(checkpoint)
     model = run.restore_model(checkpoint)
     batch_size = FLAGS.batch_size or run.eval_batch_size
+    eval_crop = run.eval_crop if FLAGS.eval_crop is None else float(FLAGS.eval_crop)
     data = source.open_source(data_dir, cache_dir=run.model_dir)
     predictions = analysis.predict_split(
         model, files.files, files.labels, image_size=run.image_size, batch_size=batch_size,
         gallery_size=FLAGS.gallery_size, tta=FLAGS.tta, dataset=data.eval_dataset(
-            files, image_size=run.image_size, global_batch_size=batch_size, cache="none"))
+            files, image_size=run.image_size, global_batch_size=batch_size, cache="none",
+            eval_crop=eval_crop))
     report = analysis.make_report(predictions, run.class_names, split=FLAGS.split, step=step,
-                                    checkpoint=checkpoint, data_dir=data_dir, tta=FLAGS.tta)
+                                  checkpoint=checkpoint, data_dir=data_dir, tta=FLAGS.tta,
+                                  eval_crop=eval_crop, run_eval_crop=run.eval_crop)
     output_dir = FLAGS.output_dir or os.path.join(run.model_dir, "evaluation")
     writer = tf.summary.create_file_writer(os.path.join(run.model_dir, "eval"))
     paths = analysis.write_report(report, predictions, output_dir, writer)
     writer.close()
 
     wrong = report.num_images - int(report.per_class["correct"].sum())
+    crop = "squashed" if eval_crop == 1.0 else f"centre crop {eval_crop:g}"
+    override = "" if eval_crop == run.eval_crop else f", not the run's {run.eval_crop:g}"
     print(f"checkpoint {checkpoint} (step {step}) on {FLAGS.split}: {report.num_images} images "
-          f"from {data_dir}" + (f", test-time augmentation {FLAGS.tta}" if FLAGS.tta != "none"
-                                else ""))
+          f"from {data_dir}, eval pixels {crop} (--eval_crop={eval_crop:g}{override})"
+          + (f", test-time augmentation {FLAGS.tta}" if FLAGS.tta != "none" else ""))
     print(f"loss {report.loss:.4f}  top-1 {report.accuracy:.4f}  top-5 {report.top5_accuracy:.4f}"
           f"  ({wrong} misclassified)")
     print("\n".join(analysis.per_class_lines(report)))

@@ -5,7 +5,10 @@
 
 Writes model_dir/export/<version>/ (a SavedModel whose serving_default signature takes encoded
 images and returns the top-k class names and calibrated probabilities, plus model.keras); see
-trainer/serving.py. Training exports its final model the same way.
+trainer/tools/serving.py. Training exports its final model the same way. The signature decodes
+with the run's --eval_crop (data.decode.decode_for_eval), so it predicts as the run's
+evaluations did; preprocessing.json beside the model records that policy (a TFLite app must
+apply it to its pixels).
 """
 from __future__ import annotations
 
@@ -71,6 +74,13 @@ def _temperature(run: SavedRun, step: int | None) -> tuple[float, str]:
     return 1.0, "uncalibrated: no calibration of this checkpoint's weights in results.json"
 
 
+def _pixels(run: SavedRun) -> str:
+    """The evaluation pixels the export decodes (or, for TFLite, expects): the run's."""
+    if run.eval_crop == 1.0:
+        return "eval pixels squashed (--eval_crop=1)"
+    return f"eval pixels centre-cropped (--eval_crop={run.eval_crop:g})"
+
+
 def main(argv: list[str]) -> int:
     tool_flags.reject_positional(argv)
     run = SavedRun.load(FLAGS.model_dir)
@@ -94,22 +104,26 @@ def main(argv: list[str]) -> int:
     if FLAGS.format == "tflite":
         path = serving.export_tflite(model, run.class_names, run.image_size, export_root,
                                      version, temperature=temperature,
-                                     unknown_below=FLAGS.unknown_below, overwrite=FLAGS.overwrite)
+                                     unknown_below=FLAGS.unknown_below, overwrite=FLAGS.overwrite,
+                                     eval_crop=run.eval_crop)
         print(f"exported checkpoint {checkpoint} (step {step}) to {path}: "
               f"{', '.join(serving.TFLITE_FILES.values())} (pixels [N, {run.image_size}, "
-              f"{run.image_size}, 3] in 0-255 -> probabilities), classes.json; temperature "
+              f"{run.image_size}, 3] in 0-255 -> probabilities), classes.json, "
+              f"{serving.PREPROCESSING_FILE} ({_pixels(run)}); temperature "
               f"{temperature:.4g} ({source})")
         return 0
     try:
         path = serving.export(model, run.class_names, run.image_size, export_root, version,
                               top_k=FLAGS.top_k, overwrite=FLAGS.overwrite,
-                              temperature=temperature, unknown_below=FLAGS.unknown_below)
+                              temperature=temperature, unknown_below=FLAGS.unknown_below,
+                              eval_crop=run.eval_crop)
     except serving.ExportError as e:
         raise tool_flags.ToolError(str(e)) from None
     print(f"exported checkpoint {checkpoint} (step {step}) to {path}: SavedModel "
           f"(signature {serving.SIGNATURE}: {serving.INPUT_NAME} = encoded images -> top "
           f"{min(FLAGS.top_k, len(run.class_names))} classes, probabilities) and "
-          f"{os.path.join(path, serving.KERAS_FILE)}; temperature {temperature:.4g} ({source})"
+          f"{os.path.join(path, serving.KERAS_FILE)}; {_pixels(run)}; temperature "
+          f"{temperature:.4g} ({source})"
           + (f", top-1 below {FLAGS.unknown_below:g} named {serving.UNKNOWN}"
              if FLAGS.unknown_below else ""))
     return 0

@@ -36,6 +36,12 @@ flags.DEFINE_enum("cache_images", _D.cache_images, ["memory", "disk", "none"], "
                   "files or image size change); `none` decodes at every use.")
 flags.DEFINE_float("crop_min_area", _D.crop_min_area, "Random-resized crop: smallest fraction of the image "
                    "area kept; 1 disables cropping.", lower_bound=0.01, upper_bound=1.0)
+flags.DEFINE_float("eval_crop", _D.eval_crop, "Evaluation pixels (every evaluation, "
+                   "trainer.evaluate, the export's serving signature, the TFLite input): 1 "
+                   "squashes the whole image to image_size^2 (as training decodes it); F < 1 "
+                   "resizes the short side to floor(image_size/F), keeping the aspect ratio, and "
+                   "takes the centre image_size^2 (timm/big_vision; 0.875 is common).",
+                   lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_boolean("random_flip", _D.random_flip, "Random horizontal flips in training.")
 flags.DEFINE_boolean("skip_unknown_classes", _D.skip_unknown_classes, "Leave out valid/test images whose class "
                      "is not in train, instead of stopping.")
@@ -298,13 +304,16 @@ def _model_dir_can_be_written(value) -> bool:
 
 flags.register_validator("data_dir", _data_dir_has_splits)
 flags.register_validator("model_dir", _model_dir_can_be_written)
-for _name in ("collective_timeout", "crop_min_area", "base_lr", "warmup_epochs", "weight_decay", "momentum",
-              "clip_grad_norm", "epochs", "label_smoothing", "mixup_alpha", "cutmix_alpha",
-              "ema_decay", "freeze_backbone_epochs", "backbone_lr_multiplier"):
+for _name in ("collective_timeout", "crop_min_area", "eval_crop", "base_lr", "warmup_epochs",
+              "weight_decay", "momentum", "clip_grad_norm", "epochs", "label_smoothing",
+              "mixup_alpha", "cutmix_alpha", "ema_decay", "freeze_backbone_epochs",
+              "backbone_lr_multiplier"):
     # absl's bounds let nan (and inf where there is no upper bound) through.
     flags.register_validator(_name, math.isfinite, message="must be a finite number")
 flags.register_validator("base_lr", lambda value: value > 0,
                          message="must be > 0 (a zero learning rate trains nothing)")
+flags.register_validator("eval_crop", lambda value: value > 0,
+                         message="must be > 0 (the fraction of the resized short side kept)")
 
 
 flags.register_validator("label_smoothing", lambda value: value < 1,

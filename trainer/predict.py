@@ -7,7 +7,8 @@
 (model_dir/export), in which case the highest version is used. Folders are searched recursively
 for image files (.jpg .jpeg .png .gif .bmp). The results go to stdout; a file that cannot be
 read or decoded gets a line of its own on stderr and the others go on (exit code 1 if any file
-failed, else 0).
+failed, else 0). The export's signature decodes each image itself, with the training run's
+--eval_crop (data.decode.decode_for_eval): the pixels of the run's evaluations.
 """
 from __future__ import annotations
 

@@ -114,7 +114,8 @@ class EvalFigures:
                 batch_size=s.plan.eval_global_batch_size,
                 dataset=s.inputs.source.eval_dataset(
                     files, image_size=s.config.image_size,
-                    global_batch_size=s.plan.eval_global_batch_size, cache="none"))
+                    global_batch_size=s.plan.eval_global_batch_size, cache="none",
+                    eval_crop=s.config.eval_crop))
         names = s.inputs.class_names
         confusion = analysis.confusion_matrix(predictions.labels, predictions.predicted,
                                               len(names))
@@ -127,7 +128,7 @@ class EvalFigures:
 
 class HighLossGallery:
     """--high_loss_scan=N: at each valid evaluation, the training images with the highest loss
-    (inference mode, no augmentation) in a gallery titled with label and prediction
+    (inference mode, no augmentation, the evaluation pixels of --eval_crop) in a gallery titled with label and prediction
     (train/high_loss) and a table of their paths (train/high_loss_files): likely mislabelled or
     odd images. N training images are scanned, the
     same seeded sample each time (all with N >= the training set), so galleries compare."""
@@ -147,17 +148,19 @@ class HighLossGallery:
         if split != "valid":
             return
         s = self.state
+        # The evaluation pixels (--eval_crop), not training's squash: the model runs in
+        # inference mode here, so its losses mean what the valid loss means, and the images
+        # shown are exactly the pixels it judged.
         with s.averaged():
             predictions = analysis.predict_split(s.model, self.files, self.labels,
                                                  image_size=s.config.image_size,
                                                  batch_size=s.plan.eval_global_batch_size,
-                                                 gallery_size=0)
+                                                 gallery_size=0, eval_crop=s.config.eval_crop)
         losses = analysis.cross_entropy(predictions.logits, predictions.labels)
         worst = np.argsort(-losses, kind="stable")[:self.SHOWN]
         names, probabilities = s.inputs.class_names, predictions.probabilities
-        images = np.stack([decode.decode_and_resize(tf.io.read_file(self.files[i]),
-                                                      s.config.image_size).numpy()
-                           for i in worst])
+        images = np.stack([decode.read_for_eval(self.files[i], s.config.image_size,
+                                                s.config.eval_crop).numpy() for i in worst])
         titles = [f"label: {names[self.labels[i]]}\npred: {names[predictions.predicted[i]]} "
                   f"({probabilities[i, predictions.predicted[i]]:.2f}) loss {losses[i]:.2f}"
                   for i in worst]

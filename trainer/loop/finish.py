@@ -80,7 +80,8 @@ def finish(controller: Controller, run_start: float) -> dict:
                                    config.image_size, weights=weights),
             s.inputs.class_names, config.image_size,
             os.path.join(config.model_dir, run_dir.EXPORT_DIR), version=step, overwrite=True,
-            temperature=temperature, unknown_below=config.unknown_below)
+            temperature=temperature, unknown_below=config.unknown_below,
+            eval_crop=config.eval_crop)
         print(f"exported for serving: {results['export_dir']}", flush=True)
     path = os.path.join(config.model_dir, run_dir.RESULTS_FILE)
     run_dir.write_json(path, results)
@@ -110,7 +111,8 @@ def _calibrate(s, step: int) -> dict | None:
                 batch_size=s.plan.eval_global_batch_size, gallery_size=0,
                 dataset=s.inputs.source.eval_dataset(
                     files, image_size=s.config.image_size,
-                    global_batch_size=s.plan.eval_global_batch_size, cache="none"))
+                    global_batch_size=s.plan.eval_global_batch_size, cache="none",
+                    eval_crop=s.config.eval_crop))
             logits[split] = (predictions.logits, predictions.labels)
     temperature = calibration.fit_temperature(*logits["valid"])
     result = {"temperature": temperature, "fitted_on": "valid", "ece_bins": calibration.ECE_BINS}

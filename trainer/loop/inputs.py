@@ -166,7 +166,8 @@ def eval_dataset(config: Config, plan: RunPlan, inputs: Inputs, strategy, split:
     def dataset_fn(context):
         return inputs.source.eval_dataset(files, image_size=config.image_size,
                                           global_batch_size=plan.eval_global_batch_size,
-                                          cache=config.cache_images, context=context)
+                                          cache=config.cache_images, context=context,
+                                          eval_crop=config.eval_crop)
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 

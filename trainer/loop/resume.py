@@ -57,6 +57,8 @@ CHANGEABLE = {
     "mixed_precision": "the compute precision changes from this step on (weights stay float32)",
     "class_weight": "the loss weights per class change from this step on",
     "balanced_sampling": "the epochs' order changes from this step on",
+    "eval_crop": "evaluations from here on see other pixels (best-checkpoint comparisons and "
+                 "early stopping mix the two policies); the export follows the new one",
 }
 SCHEDULE_FLAGS = ("epochs", "train_steps", "base_lr", "scale_lr", "warmup_epochs")
 

@@ -71,6 +71,11 @@ class SavedRun:
         return int(self.config["image_size"])
 
     @property
+    def eval_crop(self) -> float:
+        """The run's --eval_crop (1.0, the squash, for runs from before the flag)."""
+        return float(self.config.get("eval_crop") or 1.0)
+
+    @property
     def model_name(self) -> str:
         return self.config["model"]
 

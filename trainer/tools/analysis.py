@@ -7,8 +7,9 @@ Reusable by the trainer and the `trainer.evaluate` tool:
     report = make_report(predictions, class_names, split="test", step=N)
     paths = write_report(report, predictions, output_dir, writer=tf.summary writer or None)
 
-The images come from data.datasets.eval_dataset (every image once; weight-0 padding dropped), so
-the pixels are exactly those of the trainer's evaluation and of the exported model.
+The images come from data.datasets.eval_dataset (every image once; weight-0 padding dropped) with
+the run's --eval_crop, so the pixels are exactly those of the trainer's evaluation and of the
+exported model (data.decode.decode_for_eval).
 """
 from __future__ import annotations
 
@@ -59,14 +60,17 @@ def tta_logits(model, images, tta: str = "none"):
 
 
 def predict_split(model, files, labels, *, image_size: int, batch_size: int,
-                  gallery_size: int = 24, dataset=None, tta: str = "none") -> Predictions:
+                  gallery_size: int = 24, dataset=None, tta: str = "none",
+                  eval_crop: float = 1.0) -> Predictions:
     """Runs `model` (inference mode) once over every file (twice with tta="flip": see
     `tta_logits`); keeps up to `gallery_size` misclassified images for the gallery. `dataset`:
-    the split's eval_dataset (e.g. from packed data, data/source.py); default: read `files`."""
+    the split's eval_dataset (e.g. from packed data, data/source.py); default: read `files`
+    with the evaluation pixels of `eval_crop` (data.decode.decode_for_eval)."""
     files, labels = list(files), np.asarray(labels, np.int64)
     if dataset is None:
         dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
-                                        global_batch_size=batch_size, cache="none")
+                                        global_batch_size=batch_size, cache="none",
+                                        eval_crop=eval_crop)
     infer = tf.function(lambda images: tta_logits(model, images, tta))
     logits, gallery_index, gallery_images = [], [], []
     seen = 0
@@ -137,7 +141,13 @@ class Report:
 
     @property
     def name(self) -> str:
+        """<split>-step<N>, then -crop<F> when evaluated with another --eval_crop than the
+        run's (`eval_crop` vs `run_eval_crop` in extra), then -tta-<kind>: another policy never
+        overwrites the files of the run's own."""
         name = f"{self.split}-step{self.step}" if self.step is not None else self.split
+        crop = self.extra.get("eval_crop")
+        if crop is not None and crop != self.extra.get("run_eval_crop", crop):
+            name += f"-crop{crop:g}"
         tta = self.extra.get("tta", "none")
         return name if tta == "none" else f"{name}-tta-{tta}"
 

@@ -8,11 +8,14 @@ temporary folder beside it and renamed into place, so a half-written export neve
 a version number (TF Serving only looks at numeric folder names).
 
 The `serving_default` signature takes `images`, a 1-D string tensor of encoded JPEG/PNG (or
-GIF/BMP) files, decodes and resizes each with data.decode.decode_and_resize (the same function
-as training and evaluation), and returns for each image the top-k `classes` (names, string),
+GIF/BMP) files, decodes each to the evaluation pixels with data.decode.decode_for_eval and the
+run's --eval_crop (the very function and policy of the run's evaluations), and returns for each
+image the top-k `classes` (names, string),
 `probabilities` (float32, softmax(logits / T) with the temperature T of calibration, 1 when
 uncalibrated) and `class_ids` (int32); with `unknown_below` = P > 0 the first class name is
-`unknown` when the top-1 probability is below P. calibration.json beside it holds T and P.
+`unknown` when the top-1 probability is below P. calibration.json beside it holds T and P;
+preprocessing.json the pixels' policy (`preprocessing`: image_size, eval_crop and, for F < 1,
+the short side before the crop), which the signature applies itself and a TFLite app must.
 The class names are constants inside the graph: loading needs TensorFlow only, not this
 project. `export_tflite` writes the TFLite models of the same calibrated probabilities.
 """
@@ -33,6 +36,7 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 KERAS_FILE = "model.keras"
 CALIBRATION_FILE = "calibration.json"  # {"temperature", "unknown_below"} beside the model
+PREPROCESSING_FILE = "preprocessing.json"  # the evaluation pixels' policy (`preprocessing`)
 UNKNOWN = "unknown"
 
 
@@ -60,12 +64,33 @@ def calibrated_probabilities(logits, temperature: float = 1.0):
     return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature)
 
 
+def preprocessing(image_size: int, eval_crop: float) -> dict:
+    """What preprocessing.json says about the input pixels (data.decode.decode_for_eval)."""
+    eval_crop = decode.check_crop_fraction(eval_crop)
+    if eval_crop == 1.0:
+        how = (f"the whole image resized to {image_size}x{image_size} (aspect ratio not kept), "
+               f"bilinear with antialiasing, rounded to uint8")
+        return {"image_size": image_size, "eval_crop": eval_crop, "resize": how}
+    short = decode.eval_scale_size(image_size, eval_crop)
+    how = (f"the short side resized to {short} (the long side to floor({short} * long / short)),"
+           f" bilinear with antialiasing, then the centre {image_size}x{image_size} (offsets "
+           f"(extra) // 2), rounded to uint8")
+    return {"image_size": image_size, "eval_crop": eval_crop, "short_side": short,
+            "resize": how}
+
+
+def _write_preprocessing(folder: str, image_size: int, eval_crop: float) -> None:
+    with open(os.path.join(folder, PREPROCESSING_FILE), "w") as f:
+        json.dump(preprocessing(image_size, eval_crop), f, indent=2)
+
+
 def _serving_fn(model: keras.Model, class_names: list[str], image_size: int, top_k: int,
-                temperature: float, unknown_below: float):
+                temperature: float, unknown_below: float, eval_crop: float = 1.0):
     names = tf.constant(class_names, tf.string)
 
     def serve(images):
-        pixels = tf.map_fn(lambda data: decode.decode_and_resize(data, image_size), images,
+        pixels = tf.map_fn(lambda data: decode.decode_for_eval(data, image_size, eval_crop),
+                           images,
                            fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                                              tf.uint8))
         probabilities = calibrated_probabilities(model(pixels, training=False), temperature)
@@ -81,10 +106,12 @@ def _serving_fn(model: keras.Model, class_names: list[str], image_size: int, top
 
 def export(model: keras.Model, class_names: list[str], image_size: int, export_root: str,
            version: int, *, top_k: int = 5, overwrite: bool = False, temperature: float = 1.0,
-           unknown_below: float = 0.0) -> str:
-    """Writes export_root/<version>/ (SavedModel + model.keras + calibration.json); returns
-    its path. The signature returns softmax(logits / temperature); with `unknown_below` > 0 a
-    top-1 probability below it is named `unknown`."""
+           unknown_below: float = 0.0, eval_crop: float = 1.0) -> str:
+    """Writes export_root/<version>/ (SavedModel + model.keras + calibration.json +
+    preprocessing.json); returns its path. The signature decodes with the evaluation pixels
+    of `eval_crop` (the run's --eval_crop) and returns softmax(logits / temperature); with
+    `unknown_below` > 0 a top-1 probability below it is named `unknown`."""
+    eval_crop = decode.check_crop_fraction(eval_crop)
     version = int(version)
     top_k = max(1, min(int(top_k), len(class_names)))
     final = os.path.join(export_root, str(version))
@@ -98,13 +125,14 @@ def export(model: keras.Model, class_names: list[str], image_size: int, export_r
         archive.track(model)
         archive.add_endpoint(
             name=SIGNATURE, fn=_serving_fn(model, list(class_names), image_size, top_k,
-                                           float(temperature), float(unknown_below)),
+                                           float(temperature), float(unknown_below), eval_crop),
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
         archive.write_out(staging, verbose=False)
         model.save(os.path.join(staging, KERAS_FILE))
         with open(os.path.join(staging, CALIBRATION_FILE), "w") as f:
             json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
                       f, indent=2)
+        _write_preprocessing(staging, image_size, eval_crop)
         if os.path.exists(final):  # overwrite: move the old one aside, then swap
             old = tempfile.mkdtemp(prefix=f".old-{version}-", dir=export_root)
             os.replace(final, os.path.join(old, "export"))
@@ -144,13 +172,18 @@ def _tflite_bytes(model: keras.Model, image_size: int, temperature: float,
 
 def export_tflite(model: keras.Model, class_names: list[str], image_size: int, export_root: str,
                   version: int, *, temperature: float = 1.0, unknown_below: float = 0.0,
-                  overwrite: bool = False) -> str:
+                  overwrite: bool = False, eval_crop: float = 1.0) -> str:
     """Writes export_root/<version>/ with model.tflite (float32), model_float16.tflite (float16
-    weights, computed in float32), classes.json and calibration.json (T, and the
-    `unknown_below` threshold for the app to apply); returns its path. Each
-    model takes `pixels`, float32 [N, image_size, image_size, 3] in 0-255 (the image decoded and
-    resized as data.decode.decode_and_resize does: TFLite has no JPEG decoder) and returns
-    `probabilities` [N, classes], softmax(logits / temperature). Staged, then renamed."""
+    weights, computed in float32), classes.json, calibration.json (T, and the
+    `unknown_below` threshold for the app to apply) and preprocessing.json (the pixels'
+    policy); returns its path. Each model takes `pixels`, float32 [N, image_size, image_size, 3]
+    in 0-255 and returns `probabilities` [N, classes], softmax(logits / temperature). TFLite has
+    no JPEG decoder, so the app prepares the pixels itself, and must prepare them as the run's
+    evaluation did: `tflite_pixels` (data.decode.decode_for_eval with the run's --eval_crop),
+    i.e. with `eval_crop` < 1 the short side resized to floor(image_size / eval_crop) and the
+    centre image_size x image_size crop, as preprocessing.json spells out; with 1 the whole
+    image squashed. Staged, then renamed."""
+    eval_crop = decode.check_crop_fraction(eval_crop)
     final = os.path.join(export_root, str(int(version)))
     if os.path.exists(final) and not overwrite:
         raise ExportError(f"{final} already exists (versions are never overwritten; pass "
@@ -166,6 +199,7 @@ def export_tflite(model: keras.Model, class_names: list[str], image_size: int, e
         with open(os.path.join(staging, CALIBRATION_FILE), "w") as f:
             json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
                       f, indent=2)
+        _write_preprocessing(staging, image_size, eval_crop)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -173,6 +207,15 @@ def export_tflite(model: keras.Model, class_names: list[str], image_size: int, e
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def tflite_pixels(encoded_images, image_size: int, eval_crop: float = 1.0):
+    """Encoded image files (bytes) -> the float32 [N, S, S, 3] input of the TFLite models: the
+    evaluation pixels of `eval_crop` (data.decode.decode_for_eval), as the SavedModel's
+    signature decodes them."""
+    import numpy as np
+    return np.stack([decode.decode_for_eval(tf.constant(data), image_size, eval_crop).numpy()
+                     for data in encoded_images]).astype(np.float32)
 
 
 def versions(export_root: str) -> list[int]:
