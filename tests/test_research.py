@@ -203,6 +203,7 @@ def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo
 
 # --- calibration and the calibrated export --------------------------------------------------------
 def _split_logits(model_dir, demo_dir, split):
+    import models.batchnorm  # noqa: F401  (registers the fused BatchNorm layer model.keras uses)
     from trainer.tools import analysis
     class_names = json.loads((model_dir / "classes.json").read_text())
     files, labels = [], []
