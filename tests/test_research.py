@@ -6,9 +6,8 @@ temperature calibration and the calibrated serving signature with --unknown_belo
 One short demo run with early stopping is trained per module and reused (one device, 32 px).
 The calibrated run evaluates with --eval_crop=0.95 (short side 33, the centre 32 x 32: a crop,
 not the default squash): its evaluations, calibration, export and TFLite input must all use
-those pixels. (At 0.875 the crop cuts into these 8x8 digits, which fill their frame: the run's
-model then misjudges other edge-touching digits as much as the planted mislabelled ones, and the
-high-loss test below no longer finds all three.)
+those pixels. (At 0.875 the crop cuts further into these frame-filling digits, and the high-loss
+test below found only one of the three planted mislabelled images among the 12.)
 """
 from __future__ import annotations
 
