@@ -122,6 +122,39 @@ def _with_lr_multipliers(optimizer_class):
     return WithLrMultipliers
 
 
+def _with_fused_update(optimizer_class):
+    """`optimizer_class` (Keras Adam or AdamW) whose per-variable update is TensorFlow's one
+    fused kernel, ResourceApplyAdam, instead of Keras 3's seven separate ops (two assign_adds,
+    an assign_sub and their arithmetic, each a pass over the variable's memory): the same
+    formula, m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2),
+    var -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps), in one pass, on the same slot
+    variables (checkpoints are unchanged). AdamW's decoupled weight decay is applied by Keras
+    before the update, as before. Sparse gradients, amsgrad and non-float32 variables take
+    Keras' own update. Under MirroredStrategy this runs inside `extended.update` for each
+    device, where a mirrored slot's `.handle` is that device's copy."""
+
+    class FusedUpdate(optimizer_class):
+        def update_step(self, gradient, variable, learning_rate):
+            target = variable.value if isinstance(variable, keras.Variable) else variable
+            if (self.amsgrad or isinstance(gradient, tf.IndexedSlices)
+                    or target.dtype != tf.float32):
+                return super().update_step(gradient, variable, learning_rate)
+            index = self._get_variable_index(variable)
+            t = tf.cast(self.iterations + 1, tf.float32)
+            return tf.raw_ops.ResourceApplyAdam(
+                var=target.handle, m=self._momentums[index].value.handle,
+                v=self._velocities[index].value.handle,
+                beta1_power=tf.pow(tf.cast(self.beta_1, tf.float32), t),
+                beta2_power=tf.pow(tf.cast(self.beta_2, tf.float32), t),
+                lr=tf.cast(learning_rate, tf.float32), beta1=tf.cast(self.beta_1, tf.float32),
+                beta2=tf.cast(self.beta_2, tf.float32),
+                epsilon=tf.cast(self.epsilon, tf.float32),
+                grad=tf.cast(gradient, tf.float32))
+
+    FusedUpdate.__name__ = optimizer_class.__name__
+    return FusedUpdate
+
+
 def make_optimizer(config: Config, plan: RunPlan, model: keras.Model, step: tf.Variable
                    ) -> keras.optimizers.Optimizer:
     """The configured optimizer, built for `model`'s trainable variables (call it in the
@@ -140,6 +173,8 @@ def make_optimizer(config: Config, plan: RunPlan, model: keras.Model, step: tf.V
     if config.optimizer not in classes:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
     cls = classes[config.optimizer]
+    if config.optimizer in ("adam", "adamw"):
+        cls = _with_fused_update(cls)
     if multiplied:
         cls = _with_lr_multipliers(cls)
     if config.optimizer == "adam":
