@@ -24,41 +24,49 @@ from trainer.state.run_state import RunState
 from trainer.tools import analysis
 
 
-class StepLossLog:
-    """`step<TAB>loss` per training step in step_losses.tsv, appended each loop. After a resume
-    the steps since the last checkpoint appear again; the last line for a step counts."""
+class _PerStepTable:
+    """`step<TAB>value` per training step in a TSV file, appended after each loop. After a
+    resume the steps since the last checkpoint appear again; the last line for a step counts.
+    Subclasses name the LoopResult field (one value per step) and how a value is written and
+    read back."""
+    field = ""
 
     def __init__(self, path: str):
         self.path = path
 
-    def after_loop(self, result: LoopResult) -> None:
-        with open(self.path, "a") as f:
-            f.writelines(f"{result.first_step + i}\t{loss:.9g}\n"
-                         for i, loss in enumerate(result.step_losses))
+    @staticmethod
+    def format(value) -> str:
+        raise NotImplementedError
 
     @staticmethod
-    def read(path: str) -> dict[int, float]:
-        with open(path) as f:
-            return {int(step): float(loss) for step, loss in (line.split("\t") for line in f)}
-
-
-class BatchIdsLog:
-    """--debug_record_batches: `step<TAB>id,id,...` per training step in batch_ids.tsv (the
-    images of the global batch in replica order); after a resume the last line counts."""
-
-    def __init__(self, path: str):
-        self.path = path
+    def parse(text: str):
+        raise NotImplementedError
 
     def after_loop(self, result: LoopResult) -> None:
         with open(self.path, "a") as f:
-            f.writelines(f"{result.first_step + i}\t{','.join(map(str, ids))}\n"
-                         for i, ids in enumerate(result.batch_ids))
+            f.writelines(f"{result.first_step + i}\t{self.format(value)}\n"
+                         for i, value in enumerate(getattr(result, self.field)))
 
-    @staticmethod
-    def read(path: str) -> dict[int, list[int]]:
+    @classmethod
+    def read(cls, path: str) -> dict:
         with open(path) as f:
-            return {int(step): [int(i) for i in ids.split(",")]
-                    for step, ids in (line.rstrip("\n").split("\t") for line in f)}
+            return {int(step): cls.parse(value)
+                    for step, value in (line.rstrip("\n").split("\t") for line in f)}
+
+
+class StepLossLog(_PerStepTable):
+    """step_losses.tsv: each step's true mean loss over the global batch."""
+    field = "step_losses"
+    format = staticmethod(lambda loss: f"{loss:.9g}")
+    parse = staticmethod(float)
+
+
+class BatchIdsLog(_PerStepTable):
+    """--debug_record_batches: batch_ids.tsv, each step's image ids (the global batch in
+    replica order)."""
+    field = "batch_ids"
+    format = staticmethod(lambda ids: ",".join(map(str, ids)))
+    parse = staticmethod(lambda text: [int(i) for i in text.split(",")])
 
 
 class Histograms:

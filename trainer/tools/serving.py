@@ -21,6 +21,7 @@ project. `export_tflite` writes the TFLite models of the same calibrated probabi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -79,7 +80,13 @@ def preprocessing(image_size: int, eval_crop: float) -> dict:
             "resize": how}
 
 
-def _write_preprocessing(folder: str, image_size: int, eval_crop: float) -> None:
+def _write_sidecars(folder: str, temperature: float, unknown_below: float, image_size: int,
+                    eval_crop: float) -> None:
+    """calibration.json (T and the `unknown` threshold) and preprocessing.json (the pixels'
+    policy) beside an exported model."""
+    with open(os.path.join(folder, CALIBRATION_FILE), "w") as f:
+        json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
+                  f, indent=2)
     with open(os.path.join(folder, PREPROCESSING_FILE), "w") as f:
         json.dump(preprocessing(image_size, eval_crop), f, indent=2)
 
@@ -104,16 +111,13 @@ def _serving_fn(model: keras.Model, class_names: list[str], image_size: int, top
     return serve
 
 
-def export(model: keras.Model, class_names: list[str], image_size: int, export_root: str,
-           version: int, *, top_k: int = 5, overwrite: bool = False, temperature: float = 1.0,
-           unknown_below: float = 0.0, eval_crop: float = 1.0) -> str:
-    """Writes export_root/<version>/ (SavedModel + model.keras + calibration.json +
-    preprocessing.json); returns its path. The signature decodes with the evaluation pixels
-    of `eval_crop` (the run's --eval_crop) and returns softmax(logits / temperature); with
-    `unknown_below` > 0 a top-1 probability below it is named `unknown`."""
-    eval_crop = decode.check_crop_fraction(eval_crop)
+@contextlib.contextmanager
+def _staged_version(export_root: str, version: int, overwrite: bool):
+    """Yields (staging, final): the caller writes the export into `staging`, a hidden folder
+    beside `final` = export_root/<version>; on success it is renamed into place (with
+    `overwrite`, the old version is moved aside first and removed after the swap), on any
+    failure removed, so a half-written export never appears under a version number."""
     version = int(version)
-    top_k = max(1, min(int(top_k), len(class_names)))
     final = os.path.join(export_root, str(version))
     if os.path.exists(final) and not overwrite:
         raise ExportError(f"{final} already exists (versions are never overwritten; pass "
@@ -121,19 +125,8 @@ def export(model: keras.Model, class_names: list[str], image_size: int, export_r
     os.makedirs(export_root, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
     try:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint(
-            name=SIGNATURE, fn=_serving_fn(model, list(class_names), image_size, top_k,
-                                           float(temperature), float(unknown_below), eval_crop),
-            input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
-        archive.write_out(staging, verbose=False)
-        model.save(os.path.join(staging, KERAS_FILE))
-        with open(os.path.join(staging, CALIBRATION_FILE), "w") as f:
-            json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
-                      f, indent=2)
-        _write_preprocessing(staging, image_size, eval_crop)
-        if os.path.exists(final):  # overwrite: move the old one aside, then swap
+        yield staging, final
+        if os.path.exists(final):
             old = tempfile.mkdtemp(prefix=f".old-{version}-", dir=export_root)
             os.replace(final, os.path.join(old, "export"))
             os.replace(staging, final)
@@ -143,6 +136,27 @@ def export(model: keras.Model, class_names: list[str], image_size: int, export_r
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def export(model: keras.Model, class_names: list[str], image_size: int, export_root: str,
+           version: int, *, top_k: int = 5, overwrite: bool = False, temperature: float = 1.0,
+           unknown_below: float = 0.0, eval_crop: float = 1.0) -> str:
+    """Writes export_root/<version>/ (SavedModel + model.keras + calibration.json +
+    preprocessing.json); returns its path. The signature decodes with the evaluation pixels
+    of `eval_crop` (the run's --eval_crop) and returns softmax(logits / temperature); with
+    `unknown_below` > 0 a top-1 probability below it is named `unknown`."""
+    eval_crop = decode.check_crop_fraction(eval_crop)
+    top_k = max(1, min(int(top_k), len(class_names)))
+    with _staged_version(export_root, version, overwrite) as (staging, final):
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            name=SIGNATURE, fn=_serving_fn(model, list(class_names), image_size, top_k,
+                                           float(temperature), float(unknown_below), eval_crop),
+            input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
+        archive.write_out(staging, verbose=False)
+        model.save(os.path.join(staging, KERAS_FILE))
+        _write_sidecars(staging, temperature, unknown_below, image_size, eval_crop)
     return final
 
 
@@ -184,28 +198,13 @@ def export_tflite(model: keras.Model, class_names: list[str], image_size: int, e
     centre image_size x image_size crop, as preprocessing.json spells out; with 1 the whole
     image squashed. Staged, then renamed."""
     eval_crop = decode.check_crop_fraction(eval_crop)
-    final = os.path.join(export_root, str(int(version)))
-    if os.path.exists(final) and not overwrite:
-        raise ExportError(f"{final} already exists (versions are never overwritten; pass "
-                          f"--overwrite or another --version)")
-    os.makedirs(export_root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
-    try:
+    with _staged_version(export_root, version, overwrite) as (staging, final):
         for kind, name in TFLITE_FILES.items():
             with open(os.path.join(staging, name), "wb") as f:
                 f.write(_tflite_bytes(model, image_size, temperature, float16=kind == "float16"))
         with open(os.path.join(staging, "classes.json"), "w") as f:
             json.dump(list(class_names), f, indent=2)
-        with open(os.path.join(staging, CALIBRATION_FILE), "w") as f:
-            json.dump({"temperature": float(temperature), "unknown_below": float(unknown_below)},
-                      f, indent=2)
-        _write_preprocessing(staging, image_size, eval_crop)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _write_sidecars(staging, temperature, unknown_below, image_size, eval_crop)
     return final
 
 
