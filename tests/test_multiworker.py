@@ -23,7 +23,7 @@ WORKER_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=5", "--train_steps=30",
                 "--checkpoint_every_steps=10", "--deterministic", "--noeval_figures",
                 "--noexport_at_end", "--debug_record_batches",
                 "--distribution_strategy=multi_worker_mirrored")
-TIMEOUT = 30  # --collective_timeout of the lost-peer tests
+TIMEOUT = 20  # --collective_timeout of the lost-peer tests (the survivor waits this long)
 
 
 def _free_ports(n: int) -> list[int]:
