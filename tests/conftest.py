@@ -40,6 +40,21 @@ def demo_dir(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def small_demo_dir(demo_dir, tmp_path_factory) -> Path:
+    """A cut of the demo dataset for runs that must cross epochs in few steps: the first 32
+    train and 8 valid and test images of each class (320 train images: 10 steps per epoch at
+    global batch 32; 80 valid and 80 test images, so the finishing evaluations are short)."""
+    import shutil
+    root = tmp_path_factory.mktemp("small_data") / "demo"
+    for split, count in (("train", 32), ("valid", 8), ("test", 8)):
+        for class_dir in sorted((demo_dir / split).iterdir()):
+            (root / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, root / split / class_dir.name / image.name)
+    return root
+
+
 def trainer_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainer.main", *args]
 
