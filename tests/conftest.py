@@ -23,6 +23,23 @@ def pytest_configure(config):
     distribute.split_cpu(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """TMPDIR (and tempfile's directory) of this session and every process it starts: a folder
+    under pytest's base temp, which pytest rotates. Processes the tests SIGKILL cannot remove
+    their temporary files (TensorFlow's __autograph_generated_file*.py); they went to /tmp."""
+    import tempfile
+    scratch = str(tmp_path_factory.mktemp("tmpdir"))
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = scratch, scratch
+    yield scratch
+    tempfile.tempdir = saved_dir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+
+
 @pytest.fixture(scope="session")
 def two_replicas():
     """One MirroredStrategy over the two logical CPUs for all in-process tests: strategies
