@@ -23,6 +23,23 @@ def pytest_configure(config):
     distribute.split_cpu(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """TMPDIR (and tempfile's directory) of this session and every process it starts: a folder
+    under pytest's base temp, which pytest rotates. Processes the tests SIGKILL cannot remove
+    their temporary files (TensorFlow's __autograph_generated_file*.py); they went to /tmp."""
+    import tempfile
+    scratch = str(tmp_path_factory.mktemp("tmpdir"))
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = scratch, scratch
+    yield scratch
+    tempfile.tempdir = saved_dir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+
+
 @pytest.fixture(scope="session")
 def two_replicas():
     """One MirroredStrategy over the two logical CPUs for all in-process tests: strategies
@@ -38,6 +55,21 @@ def demo_dir(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("data") / "demo"
     demo.build(str(dest))
     return dest
+
+
+@pytest.fixture(scope="session")
+def small_demo_dir(demo_dir, tmp_path_factory) -> Path:
+    """A cut of the demo dataset for runs that must cross epochs in few steps: the first 32
+    train and 8 valid and test images of each class (320 train images: 10 steps per epoch at
+    global batch 32; 80 valid and 80 test images, so the finishing evaluations are short)."""
+    import shutil
+    root = tmp_path_factory.mktemp("small_data") / "demo"
+    for split, count in (("train", 32), ("valid", 8), ("test", 8)):
+        for class_dir in sorted((demo_dir / split).iterdir()):
+            (root / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, root / split / class_dir.name / image.name)
+    return root
 
 
 def trainer_command(*args: str) -> list[str]:

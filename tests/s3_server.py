@@ -183,7 +183,8 @@ def start_server(base_dir, startup_timeout: float = 30.0) -> S3Server:
         "name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    command = [str(weed), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    # -logdir: weed's own log files go under base_dir, not into /tmp (where they piled up).
+    command = [str(weed), f"-logdir={base_dir}", "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
                *(f"{flag}={port}" for flag, port in ports.items())]

@@ -100,7 +100,7 @@ def test_rollback_skips_a_poisoned_batch_and_finishes(demo_dir, tmp_path):
     model_dir = tmp_path / "run"
     flags = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
              "--train_steps=30", "--checkpoint_every_steps=5", "--noeval_figures",
-             "--noexport_at_end", "--distribution_strategy=one_device",
+             "--noexport_at_end", "--high_loss_scan=0", "--distribution_strategy=one_device",
              "--debug_nan_batches=12")  # data position 12 is step 13 (loop 11-15)
     stopped = run_trainer(*flags, check=False)
     assert stopped.returncode == 1
@@ -164,8 +164,8 @@ def test_switching_averages_or_float16_is_refused_even_when_allowed():
 def test_an_extended_run_goes_on_without_a_learning_rate_jump(demo_dir, tmp_path):
     model_dir = tmp_path / "run"
     flags = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
-             "--noeval_figures", "--noexport_at_end", "--distribution_strategy=one_device",
-             "--warmup_epochs=0.1")
+             "--noeval_figures", "--noexport_at_end", "--high_loss_scan=0",
+             "--distribution_strategy=one_device", "--warmup_epochs=0.1")
     first = subprocess.Popen(trainer_command(*flags, "--train_steps=40",
                                              "--checkpoint_every_steps=5"),
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

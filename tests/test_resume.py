@@ -17,10 +17,10 @@ from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
 from trainer.loop.step import Metrics, StepFunctions
 from trainer.loop.actions import StepLossLog
 
-# About 100 steps over three epochs of 39 steps (1258 demo images, global batch 32), so that
-# the kills below fall in the second and third epochs.
-EXACT_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=5", "--train_steps=100",
-               "--checkpoint_every_steps=10", "--eval_every_steps=40", "--deterministic",
+# 30 steps over three epochs of 10 steps (small_demo_dir: 320 train images, global batch 32),
+# so that the kills below fall in the second and third epochs.
+EXACT_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=2", "--train_steps=30",
+               "--checkpoint_every_steps=4", "--eval_every_steps=12", "--deterministic",
                "--distribution_strategy=mirrored", "--cpu_devices=2", "--noeval_figures",
                "--noexport_at_end")
 
@@ -77,21 +77,21 @@ def _kill_during_save(model_dir, flags) -> None:
     assert not latest.endswith(f"ckpt-{killed_in}"), "the interrupted save became the latest"
 
 
-def test_sigkill_three_times_resumes_bit_identical(demo_dir, tmp_path):
-    flags = (f"--data_dir={demo_dir}", *EXACT_FLAGS)
+def test_sigkill_three_times_resumes_bit_identical(small_demo_dir, tmp_path):
+    flags = (f"--data_dir={small_demo_dir}", *EXACT_FLAGS)
     whole = tmp_path / "whole"
     run_trainer(f"--model_dir={whole}", *flags)
 
     parts = tmp_path / "parts"
-    # Saves come after the first loop, then every 10 steps; a kill after the step-45 line
+    # Saves come after the first loop, then every 4 steps; a kill after the step-14 line
     # (epoch 2) leaves the steps since the last save to be trained again.
-    first_kill = _kill_after_step(parts, flags, 45)
-    assert _latest_step(parts / "checkpoints") < first_kill
+    first_kill = _kill_after_step(parts, flags, 13)
+    assert 10 < first_kill < 20 and _latest_step(parts / "checkpoints") < first_kill
     _kill_during_save(parts, flags)
     after_save_kill = _latest_step(parts / "checkpoints")
-    assert after_save_kill >= first_kill - 10
-    third_kill = _kill_after_step(parts, flags, max(85, after_save_kill + 5))  # epoch 3
-    assert third_kill > after_save_kill and third_kill > 78
+    assert after_save_kill >= first_kill - 4
+    third_kill = _kill_after_step(parts, flags, max(25, after_save_kill + 2))  # epoch 3
+    assert third_kill > after_save_kill and third_kill > 20
     result = run_trainer(f"--model_dir={parts}", *flags)
     assert "resumed from" in result.stdout
 
@@ -102,7 +102,7 @@ def test_sigkill_three_times_resumes_bit_identical(demo_dir, tmp_path):
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
     whole_losses = StepLossLog.read(whole / "step_losses.tsv")
     parts_losses = StepLossLog.read(parts / "step_losses.tsv")
-    assert sorted(whole_losses) == list(range(1, 101))
+    assert sorted(whole_losses) == list(range(1, 31))
     assert parts_losses == whole_losses
     whole_results = json.loads((whole / "results.json").read_text())
     parts_results = json.loads((parts / "results.json").read_text())
