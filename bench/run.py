@@ -272,7 +272,9 @@ def _run_trainer(args, row: str, model_dir: str) -> dict:
              f"--mixed_precision={precision or args.mixed_precision}",
              "--fused_batchnorm" if fused else "--nofused_batchnorm",
              "--xla" if xla else "--noxla",
-             "--checkpoint_every_steps=100000", "--eval_every_steps=100000", "--noexport_at_end"]
+             "--checkpoint_every_steps=100000", "--eval_every_steps=100000", "--noexport_at_end",
+             # Speed rows: no passes over the data beyond the final evaluation.
+             "--high_loss_scan=0", "--noeval_figures"]
     if synthetic:
         flags.append("--synthetic_data")
     try:
