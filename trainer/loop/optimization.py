@@ -141,14 +141,12 @@ def _with_fused_update(optimizer_class):
                 return super().update_step(gradient, variable, learning_rate)
             index = self._get_variable_index(variable)
             t = tf.cast(self.iterations + 1, tf.float32)
+            beta1, beta2 = tf.cast(self.beta_1, tf.float32), tf.cast(self.beta_2, tf.float32)
             return tf.raw_ops.ResourceApplyAdam(
                 var=target.handle, m=self._momentums[index].value.handle,
-                v=self._velocities[index].value.handle,
-                beta1_power=tf.pow(tf.cast(self.beta_1, tf.float32), t),
-                beta2_power=tf.pow(tf.cast(self.beta_2, tf.float32), t),
-                lr=tf.cast(learning_rate, tf.float32), beta1=tf.cast(self.beta_1, tf.float32),
-                beta2=tf.cast(self.beta_2, tf.float32),
-                epsilon=tf.cast(self.epsilon, tf.float32),
+                v=self._velocities[index].value.handle, beta1_power=tf.pow(beta1, t),
+                beta2_power=tf.pow(beta2, t), lr=tf.cast(learning_rate, tf.float32),
+                beta1=beta1, beta2=beta2, epsilon=tf.cast(self.epsilon, tf.float32),
                 grad=tf.cast(gradient, tf.float32))
 
     FusedUpdate.__name__ = optimizer_class.__name__
