@@ -41,6 +41,7 @@ import sys
 
 from data import layout
 from data.files import atomic_write_text
+from data.progress import Progress
 
 SPLITS = ("train", "valid", "test")
 REQUIRED_SPLITS = ("train", "valid")
@@ -532,10 +533,12 @@ def _hex(bits) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):0{HASH_BITS // 4}x}"
 
 
-def decode_status(paths: list[str]) -> list[FileStatus]:
-    """Decode every file with the training decoder; a FileStatus per path, in order."""
+def decode_status(paths: list[str], log=None) -> list[FileStatus]:
+    """Decode every file with the training decoder; a FileStatus per path, in order; progress
+    lines to `log` when it takes a while."""
     if not paths:
         return []
+    progress = Progress("data check", len(paths), log)
     shapes: dict[int, tuple[int, int]] = {}
     with _quiet_native_stderr():  # also TensorFlow's import-time lines, when it loads here
         import tensorflow as tf
@@ -550,6 +553,8 @@ def decode_status(paths: list[str]) -> list[FileStatus]:
             shapes.update(zip(index.tolist(), zip(height.tolist(), width.tolist())))
             hashes.update((i, (_hex(b), f"{d:016x}")) for i, b, d in zip(index.tolist(), bits,
                                                                           digest.tolist()))
+            progress.update(len(index))
+        progress.close()
         results = []
         for i, path in enumerate(paths):
             message = ""
@@ -602,7 +607,7 @@ def _statuses(data_dir: str, rel_paths: list[str], cache_path: str | None,
     if todo and log and len(todo) >= 1000:
         log(f"data check: decoding {len(todo)} images not in the cache "
             f"({hits} cached)...")
-    for rel, status in zip(todo, decode_status([os.path.join(data_dir, r) for r in todo])):
+    for rel, status in zip(todo, decode_status([os.path.join(data_dir, r) for r in todo], log)):
         entries[rel] = status
     new_cache = {rel: stats[rel] + entries[rel].to_list() for rel in rel_paths if rel in stats}
     if todo or set(new_cache) != set(cache):

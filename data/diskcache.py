@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from data.decode import read_and_resize
 from data.files import atomic_write_text
+from data.progress import Progress
 
 CHUNK_IMAGES = 256
 GROUP_CHUNKS = 8
@@ -73,10 +74,10 @@ def _usable(directory: str, key: str, image_size: int) -> Chunks | None:
 
 
 def open_or_build(cache_dir: str, name: str, key: str, make_stream, image_size: int,
-                  log=None) -> Chunks:
+                  log=None, num_items: int = 0) -> Chunks:
     """The chunks under CACHE_DIR/decoded/NAME for `key`, built from `make_stream()` (a
-    dataset of (uint8 images [k, S, S, 3], int64 local indices [k]) batches) when missing or
-    stale."""
+    dataset of (uint8 images [k, S, S, 3], int64 local indices [k]) batches of `num_items` in
+    all) when missing or stale."""
     if not cache_dir:
         raise ValueError("a disk cache needs a cache directory")
     log = log or (lambda message: None)
@@ -93,6 +94,7 @@ def open_or_build(cache_dir: str, name: str, key: str, make_stream, image_size: 
         log(f"disk cache: building {directory}")
     os.makedirs(directory)
     indices = []
+    progress = Progress("disk cache", num_items, log)
     for images, local in make_stream().rebatch(CHUNK_IMAGES).as_numpy_iterator():
         path = os.path.join(directory, f"chunk-{len(indices):06d}.raw")
         tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}")
@@ -100,6 +102,8 @@ def open_or_build(cache_dir: str, name: str, key: str, make_stream, image_size: 
             f.write(np.ascontiguousarray(images, np.uint8).tobytes())
         os.replace(tmp, path)
         indices.append([int(i) for i in local])
+        progress.update(len(local))
+    progress.close()
     atomic_write_text(os.path.join(directory, INDEX), json.dumps({"key": key,
                                                                   "chunks": indices}))
     log(f"disk cache: {sum(map(len, indices))} decoded images in {len(indices)} chunks")
@@ -113,9 +117,23 @@ def _digest(*parts) -> str:
     return digest.hexdigest()
 
 
+def folder_name(files: list[str], image_size: int) -> str:
+    """The cache folder name (under CACHE_DIR/decoded) of one pipeline's image files."""
+    return _digest("files", image_size, *[os.path.abspath(f) for f in files])[:24]
+
+
+def existing_bytes(cache_dir: str, name: str) -> int:
+    """Bytes a cache under CACHE_DIR/decoded/NAME already holds (reused or rebuilt in place:
+    room a new one may count on)."""
+    directory = os.path.join(cache_dir or "", "decoded", name)
+    if not os.path.isdir(directory):
+        return 0
+    return sum(entry.stat().st_size for entry in os.scandir(directory) if entry.is_file())
+
+
 def for_files(cache_dir: str, files: list[str], image_size: int, log=None) -> Chunks:
     """The disk cache of one pipeline's image files (in the given order)."""
-    name = _digest("files", image_size, *[os.path.abspath(f) for f in files])[:24]
+    name = folder_name(files, image_size)
     stats = [os.stat(f) for f in files]
     key = _digest(name, *[(s.st_size, s.st_mtime_ns) for s in stats])
 
@@ -123,4 +141,4 @@ def for_files(cache_dir: str, files: list[str], image_size: int, log=None) -> Ch
         ds = tf.data.Dataset.from_tensor_slices(list(files)).map(
             lambda path: read_and_resize(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
         return tf.data.Dataset.zip(ds, tf.data.Dataset.range(len(files))).batch(CHUNK_IMAGES)
-    return open_or_build(cache_dir, name, key, make_stream, image_size, log)
+    return open_or_build(cache_dir, name, key, make_stream, image_size, log, len(files))

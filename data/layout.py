@@ -59,6 +59,14 @@ def list_images(class_dir: str) -> list[str]:
     )
 
 
+def count_images(data_dir: str, split: str) -> int:
+    """Image files in a split's class folders, by name only (nothing is opened): the size of a
+    split before the data check."""
+    split_dir = os.path.join(data_dir, split)
+    return sum(len(list_images(os.path.join(split_dir, folder)))
+               for folder in list_class_dirs(split_dir))
+
+
 def scan_split(data_dir: str, split: str, class_names: list[str] | tuple[str, ...],
                allow_unknown_classes: bool = False) -> SplitFiles:
     """Files and labels of one split, labelled by the train class list `class_names`."""

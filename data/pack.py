@@ -29,6 +29,7 @@ import numpy as np
 
 from data import check, layout, source
 from data.files import atomic_write_text
+from data.progress import Progress
 
 PROGRESS = ".pack-progress.json"
 TRAIN_ORDER_SEED = 20261130
@@ -119,6 +120,7 @@ def pack_split(data_dir: str, dest: str, split: layout.SplitFiles, *, max_side: 
     rel_files = [os.path.relpath(f, data_dir) for f in split.files]
     plan = plan_shards(data_dir, split, shard_mb, shuffle=split.name == "train")
     shards = []
+    written = Progress(f"pack {split.name}", sum(map(len, plan)), log=None)  # shard lines
     for number, positions in enumerate(plan):
         name = f"{split.name}-{number:05d}-of-{len(plan):05d}.tfrecord"
         path = os.path.join(dest, name)
@@ -130,7 +132,11 @@ def pack_split(data_dir: str, dest: str, split: layout.SplitFiles, *, max_side: 
             done = {"key": key, "bytes": os.path.getsize(path), "sha256": source.file_sha256(path)}
             progress[name] = done
             atomic_write_text(os.path.join(dest, PROGRESS), json.dumps(progress))
-            log(f"pack: wrote {name} ({len(positions)} images, {done['bytes'] / 1e6:.1f} MB)")
+            written.update(len(positions))
+            log(f"pack: wrote {name} ({len(positions)} images, {done['bytes'] / 1e6:.1f} MB; "
+                f"{written.status()})")
+        else:
+            written.total -= len(positions)  # kept: the count and rate are of what is written
         shards.append({"file": name, "indices": positions, "bytes": done["bytes"],
                        "sha256": done["sha256"]})
     return {"files": rel_files, "labels": list(split.labels), "shards": shards}

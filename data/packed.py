@@ -24,7 +24,7 @@ import tensorflow as tf
 from data import diskcache
 from data.augment import Augment, Mix
 from data.datasets import (AUTOTUNE, EpochPlan, _pipeline_shard, batch_and_mix, cache_mode,
-                           grouped_epochs, random_access_epochs)
+                           decoded_in_memory, grouped_epochs, random_access_epochs)
 from data.decode import check_crop_fraction, decode_and_resize, decode_for_eval
 from data.source import Manifest
 
@@ -73,18 +73,23 @@ class PackedSource:
         mode = cache_mode(cache)
         if mode == "memory":  # every record, as a folder's memory cache holds every file
             all_paths = [self.manifest.shard_path(s) for s in self.manifest.shards[split.name]]
-            decoded = _records(all_paths, 1, 0).map(
-                lambda image, label, local: (decode_and_resize(image, image_size), local),
-                num_parallel_calls=AUTOTUNE).batch(len(split))
-            in_order = decoded.map(lambda images, local: tf.gather(images, tf.argsort(local)))
-            ds = random_access_epochs(plan, seed, in_order.cache(), lambda items, i: items[i],
+
+            def make_stream():
+                return _records(all_paths, 1, 0).map(
+                    lambda image, label, local: (decode_and_resize(image, image_size), local),
+                    num_parallel_calls=AUTOTUNE).batch(64)
+            images = decoded_in_memory(
+                ("packed", tuple(s.sha256 for s in self.manifest.shards[split.name])),
+                len(split), image_size, make_stream, log)
+            ds = random_access_epochs(plan, seed, tf.data.Dataset.from_tensors(images),
+                                      lambda items, i: items[i],
                                       tf.constant(split.labels, tf.int32), image_size, augment,
                                       balanced)
         elif balanced:
             raise ValueError("balanced sampling of packed data needs --cache_images=memory (the "
                              "shards are read in blocks otherwise)")
         elif mode == "disk":
-            chunks = self._disk_cache(split.name, paths, plan, image_size, cache_dir, log)
+            chunks = self._disk_cache(split, paths, plan, image_size, cache_dir, log)
             ds = grouped_epochs(plan, seed, chunks.sizes, chunks.load_group, labels, image_size,
                                 augment, diskcache.GROUP_CHUNKS, encoded=False)
         else:
@@ -100,18 +105,24 @@ class PackedSource:
                                 GROUP_SHARDS, encoded=True)
         return batch_and_mix(ds, plan, seed=seed, mix=mix, with_ids=with_ids)
 
-    def _disk_cache(self, split: str, paths, plan, image_size, cache_dir, log):
-        digest = hashlib.sha256(f"packed {os.path.abspath(self.data_dir)} {split} "
-                                f"{plan.num_pipelines} {plan.pipeline_id} {image_size}".encode())
-        name = digest.hexdigest()[:24]
-        key = name + " " + " ".join(s.sha256 for s in self.manifest.shards[split]) + \
+    def disk_cache_name(self, split, image_size: int, num_pipelines: int,
+                        pipeline_id: int) -> str:
+        """The disk cache folder name (under CACHE_DIR/decoded) of one pipeline's share."""
+        digest = hashlib.sha256(f"packed {os.path.abspath(self.data_dir)} {split.name} "
+                                f"{num_pipelines} {pipeline_id} {image_size}".encode())
+        return digest.hexdigest()[:24]
+
+    def _disk_cache(self, split, paths, plan, image_size, cache_dir, log):
+        name = self.disk_cache_name(split, image_size, plan.num_pipelines, plan.pipeline_id)
+        key = name + " " + " ".join(s.sha256 for s in self.manifest.shards[split.name]) + \
             f" {diskcache.VERSION} {tf.__version__}"
 
         def make_stream():
             return _records(paths, plan.num_pipelines, plan.pipeline_id, parallel=1).map(
                 lambda image, label, local: (decode_and_resize(image, image_size), local),
                 num_parallel_calls=AUTOTUNE).batch(diskcache.CHUNK_IMAGES)
-        return diskcache.open_or_build(cache_dir, name, key, make_stream, image_size, log)
+        return diskcache.open_or_build(cache_dir, name, key, make_stream, image_size, log,
+                                       plan.shard_size)
 
     def eval_dataset(self, split, *, image_size: int, global_batch_size: int, cache="memory",
                      context=None, eval_crop: float = 1.0) -> tf.data.Dataset:

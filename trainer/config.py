@@ -23,7 +23,8 @@ class Config:
     data_dir: str | None = None
     model_dir: str = ''
     image_size: int = 224
-    cache_images: str = 'memory'  # memory, disk or none
+    cache_images: str = 'auto'  # auto, memory, disk or none (data/memory.py)
+    cache_memory_fraction: float = 0.5  # of the available memory, for cache_images=auto/memory
     crop_min_area: float = 0.25
     eval_crop: float = 1.0  # evaluation pixels: 1 squash; F < 1 short side to size/F, centre crop
     random_flip: bool = True
@@ -139,6 +140,11 @@ class RunPlan:
     decay_from_step: int = 0
     decay_from_lr: float = 0.0
     precision: str = ""  # --mixed_precision resolved for this hardware, and why
+    # --cache_images resolved for this start (data/memory.py): where decoded training images
+    # live, whether the evaluation splits are kept decoded, and the start-up line saying why.
+    cache_images: str = ""
+    eval_cache: str = ""
+    cache: str = ""
 
     @classmethod
     def make(cls, config: Config, num_replicas: int, num_train_images: int) -> "RunPlan":

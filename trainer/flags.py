@@ -29,11 +29,18 @@ flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard 
                     "results.json. Starting again with the same model_dir resumes.")
 flags.DEFINE_integer("image_size", _D.image_size, "Images are decoded and resized to image_size^2.",
                      lower_bound=8)
-flags.DEFINE_enum("cache_images", _D.cache_images, ["memory", "disk", "none"], "Decoded "
-                  "training images: `memory` decodes the training set once into memory "
+flags.DEFINE_enum("cache_images", _D.cache_images, ["auto", "memory", "disk", "none"],
+                  "Decoded training images: `memory` decodes the training set once into memory "
                   "(image_size^2*3 bytes each, on every worker); `disk` once into chunk files "
                   "under --data_cache_dir/decoded (memory stays flat; rebuilt when the source "
-                  "files or image size change); `none` decodes at every use.")
+                  "files or image size change); `none` decodes at every use; `auto`: memory "
+                  "when it fits --cache_memory_fraction of the memory available (the cgroup "
+                  "limit where there is one), else disk when --data_cache_dir has room, else "
+                  "none. Evaluation splits are kept in memory when they fit too.")
+flags.DEFINE_float("cache_memory_fraction", _D.cache_memory_fraction, "The share of the "
+                   "available memory that --cache_images=auto or memory may fill with decoded "
+                   "images (the model, the optimizer and TensorFlow need the rest).",
+                   lower_bound=1e-6, upper_bound=0.95)
 flags.DEFINE_float("crop_min_area", _D.crop_min_area, "Random-resized crop: smallest fraction of the image "
                    "area kept; 1 disables cropping.", lower_bound=0.01, upper_bound=1.0)
 flags.DEFINE_float("eval_crop", _D.eval_crop, "Evaluation pixels (every evaluation, "
@@ -156,7 +163,8 @@ flags.DEFINE_enum("class_weight", _D.class_weight, ["none", "balanced"], "`balan
 flags.DEFINE_boolean("balanced_sampling", _D.balanced_sampling, "Each epoch draws its "
                      "positions class by class evenly (a class uniformly, then one of its images;"
                      " minority classes repeat), still a function of seed and epoch, so resume "
-                     "stays exact. Needs --cache_images=memory or none.")
+                     "stays exact. Needs --cache_images=memory or none (auto then never picks "
+                     "disk).")
 flags.DEFINE_float("unknown_below", _D.unknown_below, "The exported serving signature returns "
                    "the class name `unknown` when the calibrated top-1 probability is below "
                    "this; 0: off.", lower_bound=0.0, upper_bound=1.0)
@@ -378,6 +386,14 @@ def _image_size_fits_model(values):
                                      "(the disk cache is read in blocks)")
 def _balanced_sampling_reads_any_image(values):
     return not values["balanced_sampling"] or values["cache_images"] != "disk"
+
+
+@flags.multi_flags_validator(["data_service", "cache_images"],
+                             message="--cache_images=memory cannot go with --data_service (the "
+                                     "images would be decoded here and shipped to the workers "
+                                     "in the dataset's graph); use auto, disk or none")
+def _service_decodes_itself(values):
+    return not values["data_service"] or values["cache_images"] != "memory"
 
 
 @flags.validator("allow_change")

@@ -94,6 +94,15 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
     return sum(len(jobs.get(job, [])) for job in ("chief", "worker")) or 1
 
 
+def input_pipeline_id(strategy: tf.distribute.Strategy) -> int:
+    """This worker's input pipeline (tf.distribute counts the chief first, then the workers)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return 0 if resolver.task_type == "chief" else resolver.task_id + int(has_chief)
+
+
 def task_address(strategy: tf.distribute.Strategy, task: str) -> str:
     """`host:port` of a task named like "worker:1" (or the name itself if unknown)."""
     resolver = getattr(strategy, "cluster_resolver", None)

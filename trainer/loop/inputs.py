@@ -6,7 +6,7 @@ import dataclasses
 import os
 
 
-from data import check, datasets, layout, service, source
+from data import check, datasets, diskcache, layout, memory, service, source
 from data.augment import Augment, Mix
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_randaugment
@@ -59,6 +59,8 @@ def read_inputs(config: Config, log) -> Inputs:
     if os.path.exists(saved_path):
         class_names = run_dir.read_json(saved_path)
         _check_same_classes(config, found, class_names)
+    if config.cache_images == "memory":  # refused before the data check decodes anything
+        _memory_cache_fits(config, layout.count_images(config.data_dir, "train"))
     # The data check (data/check.py): every image decoded once by the training decoder (cached),
     # only readable files kept, the report written to model_dir before anything can stop.
     scanned = check.scan(config.data_dir, class_names,
@@ -128,6 +130,42 @@ def sync_from_s3(config: Config, log) -> str:
     return local
 
 
+def choose_cache(config: Config, data: Inputs, num_pipelines: int,
+                 pipeline_id: int) -> memory.CacheChoice:
+    """--cache_images resolved for this run's data and this process's memory and disk
+    (data/memory.py), before anything is decoded."""
+    if data.synthetic:
+        return memory.CacheChoice("none", "none", "cache: none (synthetic images)")
+    modes, why_not = ("memory", "disk", "none"), ""
+    if config.data_service:
+        modes, why_not = ("none", "disk"), "the tf.data service workers decode the images"
+    elif config.balanced_sampling:
+        modes = ("memory",) if data.source.kind == "packed" else ("memory", "none")
+        why_not = "balanced sampling reads images one by one, the disk cache reads blocks"
+    cache_dir = config.data_cache_dir
+    reusable = diskcache.existing_bytes(cache_dir, data.source.disk_cache_name(
+        data.train, config.image_size, num_pipelines, pipeline_id))
+    try:
+        return memory.choose_cache(
+            config.cache_images, num_train=len(data.train),
+            num_eval=sum(len(files) for files in data.eval_splits.values()),
+            image_size=config.image_size, memory=memory.available_memory(),
+            memory_fraction=config.cache_memory_fraction,
+            disk_free=memory.free_disk(cache_dir) + reusable, disk_share=1 / num_pipelines,
+            modes=modes, why_not=why_not)
+    except memory.CacheError as e:
+        raise TrainingError(str(e)) from None
+
+
+def _memory_cache_fits(config: Config, num_train: int) -> None:
+    try:
+        memory.choose_cache("memory", num_train=num_train, num_eval=0,
+                            image_size=config.image_size, memory=memory.available_memory(),
+                            memory_fraction=config.cache_memory_fraction, disk_free=0)
+    except memory.CacheError as e:
+        raise TrainingError(str(e)) from None
+
+
 def train_augment(config: Config) -> Augment:
     return Augment(config.crop_min_area, config.random_flip, parse_randaugment(config.randaugment))
 
@@ -148,7 +186,7 @@ def train_iterator(config: Config, plan: RunPlan, inputs: Inputs, strategy, posi
         dataset = inputs.source.train_dataset(
             inputs.train, image_size=config.image_size,
             global_batch_size=plan.global_batch_size, seed=config.seed, start_step=position,
-            total_steps=end_position, cache=config.cache_images, context=context,
+            total_steps=end_position, cache=plan.cache_images, context=context,
             cache_dir=config.data_cache_dir, log=log, augment=train_augment(config),
             mix=Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha), **extra)
         # --data_service: the same dataset, run by tf.data service workers (data/service.py).
@@ -166,7 +204,7 @@ def eval_dataset(config: Config, plan: RunPlan, inputs: Inputs, strategy, split:
     def dataset_fn(context):
         return inputs.source.eval_dataset(files, image_size=config.image_size,
                                           global_batch_size=plan.eval_global_batch_size,
-                                          cache=config.cache_images, context=context,
+                                          cache=plan.eval_cache, context=context,
                                           eval_crop=config.eval_crop)
     return strategy.distribute_datasets_from_function(dataset_fn)
 

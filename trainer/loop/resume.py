@@ -103,3 +103,15 @@ def describe(name: str, saved: dict, config) -> str:
     """One line saying what an accepted change of a non-schedule flag does."""
     return (f"--{name} changed from {_show(saved[name])} to "
             f"{_show(getattr(config, name))} (--allow_change): {CHANGEABLE[name]}")
+
+
+def describe_cache_change(before: str, now: str) -> str:
+    """One line for a resume whose --cache_images resolves otherwise than the last start's."""
+    if {before, now} <= {"memory", "none"}:
+        effect = "memory and none read the same order, so the batches are exactly those of an " \
+                 "uninterrupted run"
+    else:
+        effect = ("the data position (epoch and step) is kept, but the disk cache reads its "
+                  "blocks in another order than memory and none: the rest of this epoch draws "
+                  "other batches, and some of its images are seen twice or not at all")
+    return f"cache: {now} this time ({before} when the run last started): {effect}"

@@ -66,6 +66,7 @@ def run(config: Config) -> dict:
     # --- 4. plan -------------------------------------------------------------------------------
     plan, batch_factor = _plan(config, strategy, data, checkpoint, accepted)
     inputs.check_plan(config, plan)
+    plan = _choose_cache(config, plan, data, strategy, checkpoint)
     start = Start(source_config, saved, accepted, batch_factor, donor, run_start)
     # Every worker saves (collective ops), but only the chief's files are kept.
     work_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="worker-")
@@ -249,6 +250,22 @@ def _plan(config: Config, strategy, data: Inputs, checkpoint: str | None,
         log(f"warning: the training set now has {fresh.num_train_images} images (the run was "
             f"planned with {saved.num_train_images}): epochs have other batches than before")
     return plan, factor
+
+
+def _choose_cache(config: Config, plan: RunPlan, data: Inputs, strategy,
+                  checkpoint: str | None) -> RunPlan:
+    """--cache_images for this start, before anything is decoded; kept in plan.json. A resume
+    whose choice differs from the last start's says what that does to the data order."""
+    choice = inputs.choose_cache(config, data, distribute.num_workers(strategy),
+                                 distribute.input_pipeline_id(strategy))
+    log(choice.line)
+    plan_path = os.path.join(config.model_dir, run_dir.PLAN_FILE)
+    before = run_dir.read_json(plan_path).get("cache_images", "") \
+        if checkpoint and os.path.exists(plan_path) else ""
+    if before and before != choice.train:
+        log(resume.describe_cache_change(before, choice.train))
+    return dataclasses.replace(plan, cache_images=choice.train, eval_cache=choice.eval,
+                               cache=choice.line)
 
 
 def _rebatch_counters(state: RunState, factor: float) -> None:

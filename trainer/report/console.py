@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from data.progress import format_duration
+
 from trainer.config import RunPlan
 from trainer.loop.optimization import learning_rate_of_step
 from trainer.loop.runner import LoopResult
@@ -16,11 +18,6 @@ from trainer.report.performance import Speedometer
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def per_class_recall_markdown(recall: dict[str, float | None]) -> str:
