@@ -29,6 +29,8 @@ import secrets
 import sys
 import time
 
+from data.progress import Progress
+
 CHUNK_SIZE = 1 << 20
 TEMP_PATTERN = re.compile(r"^\..*\.part-[0-9a-f]{8}\Z", re.DOTALL)
 PLAIN_MD5_ETAG = re.compile(r"^[0-9a-fA-F]{32}\Z")
@@ -279,12 +281,15 @@ def describe_error(error: BaseException, *, endpoint: str, bucket: str, anon: bo
 # ---------------------------------------------------------------------------------------------
 
 class _Progress:
-    """tqdm over bytes, with files done/total in the postfix; thread-safe enough for one loop."""
+    """tqdm over bytes, with files done/total in the postfix, or with `log` a line every few
+    seconds (files, rate, ETA: for log files, as the trainer's); thread-safe enough for one
+    loop."""
 
-    def __init__(self, enabled: bool, total_files: int, total_bytes: int):
+    def __init__(self, enabled: bool, total_files: int, total_bytes: int, log=None):
         self.total_files = total_files
         self.files = 0
         self.bar = None
+        self.lines = Progress("s3 sync", total_files, log, unit="files") if log else None
         if enabled:
             from tqdm import tqdm
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
@@ -297,10 +302,14 @@ class _Progress:
 
     def file_done(self) -> None:
         self.files += 1
+        if self.lines is not None:
+            self.lines.update()
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.files}/{self.total_files} files", refresh=False)
 
     def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.files}/{self.total_files} files", refresh=False)
             self.bar.close()
@@ -453,11 +462,13 @@ def _objects_of_listing(listing: list[dict], prefix: str, dest: str
 
 
 def _download(fs, bucket: str, to_fetch: list[_Object], workers: int, max_attempts: int,
-              progress: bool, describe) -> _State:
-    """Fetches `to_fetch` with a progress bar; what went wrong is in the returned state."""
+              progress: bool, describe, log=None) -> _State:
+    """Fetches `to_fetch` with a progress bar (or lines to `log`); what went wrong is in the
+    returned state."""
     import fsspec.asyn
     state = _State()
-    bar = _Progress(progress and bool(to_fetch), len(to_fetch), sum(o.size for o in to_fetch))
+    bar = _Progress(progress and bool(to_fetch), len(to_fetch), sum(o.size for o in to_fetch),
+                    log)
     try:
         if to_fetch:
             fsspec.asyn.sync(fs.loop, _download_all, fs, bucket, to_fetch, workers,
@@ -472,13 +483,14 @@ def _download(fs, bucket: str, to_fetch: list[_Object], workers: int, max_attemp
 def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None = None,
          key: str | None = None, secret: str | None = None, workers: int = 16,
          progress: bool = True, connect_timeout: float = 5, read_timeout: float = 20,
-         max_attempts: int = 2) -> SyncSummary:
+         max_attempts: int = 2, log=None) -> SyncSummary:
     """Copies every object under ``s3://BUCKET/PREFIX`` to ``dest/<key relative to prefix>``.
 
     Credentials: `anon` for public buckets; else `key`/`secret` if given; else the standard
     AWS chain (environment variables, ~/.aws, instance roles). `endpoint_url` selects an
     S3-compatible server. `workers` transfers run at once. With `progress`, a tqdm bar and a
-    final summary line go to stderr. Raises S3SyncError (see module doc)."""
+    final summary line go to stderr; with `log`, a progress line every few seconds goes there.
+    Raises S3SyncError (see module doc)."""
     start = time.monotonic()
     try:
         bucket, prefix = parse_s3_url(source)
@@ -524,7 +536,7 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
     to_fetch = [obj for obj, done in zip(objects, up_to_date) if not done]
     skipped = len(objects) - len(to_fetch)
 
-    state = _download(fs, bucket, to_fetch, workers, max_attempts, progress, describe)
+    state = _download(fs, bucket, to_fetch, workers, max_attempts, progress, describe, log)
     result = SyncSummary(downloaded=state.downloaded, skipped=skipped,
                          failed=len(state.failures), bytes=state.bytes,
                          seconds=time.monotonic() - start, refused=refused,

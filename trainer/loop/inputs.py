@@ -119,7 +119,7 @@ def sync_from_s3(config: Config, log) -> str:
     log(f"syncing {config.data_dir} to {local}")
     try:
         summary = s3.sync(config.data_dir, local, anon=config.s3_anon,
-                          endpoint_url=config.s3_endpoint_url, progress=False)
+                          endpoint_url=config.s3_endpoint_url, progress=False, log=log)
     except s3.S3SyncError as e:
         raise TrainingError(f"--data_dir: {e}") from None
     log(summary.describe())
