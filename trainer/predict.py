@@ -24,13 +24,18 @@ from data import layout  # noqa: E402
 
 PROGRAM = "predict"
 
-flags.DEFINE_string("export_dir", None, "An export version folder, or model_dir/export (the "
-                    "highest version is used).")
-flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
-flags.DEFINE_integer("top_k", 5, "Classes per image (at most what the export returns).",
-                     lower_bound=1)
-flags.DEFINE_integer("batch_size", 32, "Images per call of the model.", lower_bound=1)
-flags.mark_flag_as_required("export_dir")
+def define_flags() -> None:
+    """The command line's flags, defined only when it runs: trainer.api imports this module
+    beside the training flags, which share some names."""
+    flags.DEFINE_string("export_dir", None, "An export version folder, or model_dir/export (the "
+                        "highest version is used).")
+    flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "Output format.")
+    flags.DEFINE_integer("top_k", 5, "Classes per image (at most what the export returns).",
+                         lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Images per call of the model.", lower_bound=1)
+    flags.mark_flag_as_required("export_dir")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -62,11 +67,30 @@ def _read(path: str) -> tuple[bytes | None, str | None]:
 
 
 class Classifier:
-    def __init__(self, export_dir: str):
+    def __init__(self, export_dir: str, top_k: int | None = None):
         import tensorflow as tf
         self.tf = tf
+        self.export_dir = export_dir
         self.signature = tf.saved_model.load(export_dir).signatures["serving_default"]
         self.k = int(self.signature.structured_outputs["classes"].shape[-1])
+        self.top_k = min(top_k or self.k, self.k)  # classes reported per image
+
+    @classmethod
+    def open(cls, export_dir: str, top_k: int = 5, strict_top_k: bool = False) -> "Classifier":
+        """The export in `export_dir` (a version folder, or the folder of versions: the
+        highest); `strict_top_k`: refuse a top_k above what the export returns."""
+        tool_flags.import_tensorflow()
+        from trainer.tools import serving
+        try:
+            export_dir = serving.resolve_export_dir(export_dir)
+        except serving.ExportError as e:
+            raise tool_flags.ToolError(str(e)) from None
+        classifier = cls(export_dir, top_k)
+        if top_k > classifier.k and strict_top_k:
+            raise tool_flags.ToolError(f"--top_k={top_k}: the export {export_dir} returns the "
+                                       f"top {classifier.k} classes only (export again with "
+                                       f"--top_k)")
+        return classifier
 
     def __call__(self, contents: list[bytes]) -> list[list[tuple[str, float]] | None]:
         """Top-k per image; None for an image that does not decode."""
@@ -85,48 +109,46 @@ class Classifier:
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         raise tool_flags.ToolError("give one or more image files or folders after the flags")
-    tool_flags.import_tensorflow()
-    from trainer.tools import serving
-    try:
-        export_dir = serving.resolve_export_dir(FLAGS.export_dir)
-    except serving.ExportError as e:
-        raise tool_flags.ToolError(str(e)) from None
-    classifier = Classifier(export_dir)
-    if FLAGS.top_k > classifier.k and FLAGS["top_k"].present:
-        raise tool_flags.ToolError(f"--top_k={FLAGS.top_k}: the export {export_dir} returns "
-                                   f"the top {classifier.k} classes only (export again with "
-                                   f"--top_k)")
-    k = min(FLAGS.top_k, classifier.k)
-    output = Output(FLAGS.format, k)
+    classifier = Classifier.open(FLAGS.export_dir, FLAGS.top_k,
+                                 strict_top_k=FLAGS["top_k"].present)
+    output = Output(FLAGS.format, classifier.top_k)
     failures = 0
+    for path, top, error in classify(classifier, argv[1:], batch_size=FLAGS.batch_size):
+        if error is not None:
+            failures += 1
+            _report(path, error)
+        else:
+            output.add(path, top)
+    output.finish()
+    return 1 if failures else 0
+
+
+def classify(classifier: "Classifier", inputs: list[str], *, batch_size: int = 32):
+    """(path, top-k [(class, probability)] or None, error or None) for every image file named
+    or found in a named folder, in order."""
+    k = classifier.top_k
     pending: list[tuple[str, bytes]] = []
 
     def flush():
-        nonlocal failures
         results = classifier([data for _, data in pending]) if pending else []
-        for (path, _), result in zip(pending, results):
-            if result is None:
-                failures += 1
-                _report(path, "not a decodable image (JPEG, PNG, GIF or BMP)")
-            else:
-                output.add(path, result[:k])
+        done = [(path, result[:k], None) if result is not None else
+                (path, None, "not a decodable image (JPEG, PNG, GIF or BMP)")
+                for (path, _), result in zip(pending, results)]
         pending.clear()
+        return done
 
-    for path, error in list_inputs(argv[1:]):
+    for path, error in list_inputs(inputs):
         data = None
         if error is None:
             data, error = _read(path)
         if error is not None:
-            flush()  # keep the output in input order
-            failures += 1
-            _report(path, error)
+            yield from flush()  # keep the output in input order
+            yield path, None, error
             continue
         pending.append((path, data))
-        if len(pending) >= FLAGS.batch_size:
-            flush()
-    flush()
-    output.finish()
-    return 1 if failures else 0
+        if len(pending) >= batch_size:
+            yield from flush()
+    yield from flush()
 
 
 def _report(path: str, message: str) -> None:
@@ -167,6 +189,7 @@ class Output:
 
 
 def entry() -> None:
+    define_flags()
     tool_flags.run(PROGRAM, main)
 
 

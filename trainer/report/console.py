@@ -3,6 +3,7 @@ and (at the end) results.json from the same dict, and the speed statistics are k
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import numpy as np
@@ -27,6 +28,20 @@ def per_class_recall_markdown(recall: dict[str, float | None]) -> str:
                      [f"| {name} | {r:.4f} |" for r, name in rows])
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where a progress bar replaces the loop lines)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def notebook_bar(total_steps: int):
+    """A tqdm.auto bar over the run's steps in a notebook, else None (console lines)."""
+    if not in_notebook():
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total_steps, unit="step", desc="training")
+
+
 class Reporter:
     def __init__(self, plan: RunPlan, writers: summaries.Summaries, speed: Speedometer,
                  input_is_upper_bound: bool):
@@ -39,6 +54,7 @@ class Reporter:
         self.first_loop_seconds: float | None = None
         self.overhead_seconds = 0.0  # checkpoints and summaries inside the loop
         self.start_time = time.time()
+        self.bar = notebook_bar(plan.total_steps)
 
     @contextlib.contextmanager
     def overhead(self):
@@ -70,6 +86,11 @@ class Reporter:
                 np.mean(self.loop_rates) if self.loop_rates else rate)
             share = values.get("input_wait_share")
             input_text = "" if share is None else f"input {self.input_mark}{share:.0%} "
+            if self.bar is not None:
+                self.bar.update(result.last_step - self.bar.n)
+                self.bar.set_postfix_str(f"loss {values['loss']:.4f} acc "
+                                         f"{values['accuracy']:.4f} {rate:.1f} img/s")
+                return values
             log(f"epoch {plan.epoch_of(result.last_step - 1) + 1} step {result.last_step}/"
                 f"{plan.total_steps} loss {values['loss']:.4f} acc {values['accuracy']:.4f} "
                 f"lr {values['learning_rate']:.3g} {rate:.1f} img/s {input_text}"

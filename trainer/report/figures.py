@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display; figures become PNG summaries
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _subplots(*grid, figsize, **options):
+    """(figure, axes) of a figure outside pyplot: no backend is chosen for the process (a
+    notebook keeps its inline plots) and nothing needs closing."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*grid, **options)
 
 
 def figure_to_png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     return buffer.getvalue()
 
 
 def image_grid(images: np.ndarray, titles: list[str], columns: int = 3) -> bytes:
     """A grid of uint8 images titled with their class names, as PNG bytes."""
     rows = -(-len(images) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    figure, axes = _subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):
@@ -36,7 +39,7 @@ def confusion_figure(confusion: np.ndarray, class_names: list[str]) -> bytes:
     when there are few classes."""
     n = len(class_names)
     size = min(max(5.0, 0.45 * n + 2), 24.0)
-    figure, ax = plt.subplots(figsize=(size, size))
+    figure, ax = _subplots(figsize=(size, size))
     ax.imshow(confusion, cmap="Blues", interpolation="nearest")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -61,7 +64,7 @@ def misclassified_gallery(predictions, class_names: list[str],
     count = len(predictions.gallery_index)
     columns = min(columns, max(1, count))
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.7 * rows), squeeze=False)
+    figure, axes = _subplots(rows, columns, figsize=(2.3 * columns, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     probabilities = predictions.probabilities
@@ -77,7 +80,7 @@ def misclassified_gallery(predictions, class_names: list[str],
 def reliability_diagram(before, after, title: str) -> bytes:
     """Accuracy against confidence per bin, before and after temperature scaling
     (trainer/tools/calibration.py's Reliability); the diagonal is perfect calibration."""
-    figure, axes = plt.subplots(1, 2, figsize=(8, 4), sharey=True)
+    figure, axes = _subplots(1, 2, figsize=(8, 4), sharey=True)
     for ax, reliability, name in ((axes[0], before, "before"), (axes[1], after, "after")):
         bins = len(reliability.count)
         centres = (np.arange(bins) + 0.5) / bins
