@@ -1,5 +1,5 @@
-"""Benchmarks a person runs and reads: speed (run.py), the cost of resuming (resume_cost.py) and
-whether fine-tuning pays (transfer.py)."""
+"""Benchmarks a person runs and reads: speed (run.py), the reference job's data size (scale.py),
+the cost of resuming (resume_cost.py) and whether fine-tuning pays (transfer.py)."""
 import argparse
 
 
