@@ -28,8 +28,9 @@ classes (for tests). Then it measures, each row in its own process, and prints o
                     * the input pipeline alone (the same source and cache mode, no model):
                       steady decoded + augmented + batched images/sec over --input_steps
                       batches (a disk cache the trainer built is reused, so not timed again).
-                    A flag value the trainer refuses (auto, until it exists) makes the row "not
-                    available".
+                    A cache the trainer refuses (memory over --cache_memory_fraction of the
+                    available memory) makes the row "not available"; the auto rows say which
+                    cache the trainer chose.
   sync_folder       python -m data.download of the folder (every JPEG one object) and of the
   sync_packed       packed shards from a local SeaweedFS server (tests/s3_server.py) they were
                     uploaded to first; seconds, MB, objects
@@ -305,11 +306,15 @@ class Bench:
                  f"--train_steps={args.train_steps}", f"--steps_per_loop={args.steps_per_loop}",
                  f"--cache_images={mode}", f"--data_cache_dir={cache_dir}",
                  "--checkpoint_every_steps=1000000", "--eval_every_steps=1000000",
-                 "--noexport_at_end", "--high_loss_scan=0", "--noeval_figures"]
+                 "--noexport_at_end", "--high_loss_scan=0", "--noeval_figures",
+                 f"--cache_memory_fraction={args.cache_memory_fraction}"]
         steps = lambda lines: [m for _, line in lines if (m := STEP_LINE.match(line))]
         run = self.child(f"{row}-trainer", [sys.executable, "-m", "trainer.main", *flags],
                          stop_when=lambda lines: len(steps(lines)) >= loops)
         out = {"peak_gb": run.peak_gb}
+        chosen = [line.split(" (")[0] for _, line in run.lines if line.startswith("cache: ")]
+        if chosen and mode == "auto":
+            out["note"] = f"auto chose {chosen[0].removeprefix('cache: ')}"
         timed = [(t, STEP_LINE.match(line)) for t, line in run.lines if STEP_LINE.match(line)]
         if timed:
             out["first_step_seconds"] = timed[0][0]
@@ -493,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps_per_loop", type=int, default=2)
     parser.add_argument("--input_steps", type=int, default=200, help="timed input batches")
     parser.add_argument("--input_warmup", type=int, default=5)
+    parser.add_argument("--cache_memory_fraction", type=float, default=0.5,
+                        help="the trainer's --cache_memory_fraction (0.75 lets the memory rows "
+                             "hold the full set's 12.6 GB on a 24 GB machine)")
     parser.add_argument("--max_rss_gb", type=float, default=20.0,
                         help="kill a child whose resident memory exceeds this")
     parser.add_argument("--min_available_gb", type=float, default=1.5,
