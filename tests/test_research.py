@@ -162,6 +162,84 @@ def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
     assert other.update(20, 0.3) and other.evaluations_since_best == 0
 
 
+def _checkpointed_state(directory, ema: bool = True):
+    """What finishing restores from: a small model, its weight averages, the latest-K keeper
+    and the best checkpoint wired as trainer/state/run_state.py wires them."""
+    from types import SimpleNamespace
+
+    from trainer.loop.ema import WeightAverage
+    from trainer.state.checkpoints import BestCheckpoint, CheckpointKeeper
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    average = WeightAverage(model, 0.9) if ema else None
+    step = tf.Variable(0, dtype=tf.int64)
+    keeper = CheckpointKeeper(str(directory), model=model, optimizer=keras.optimizers.SGD(),
+                              step=step, max_to_keep=2, every_steps=1,
+                              ema=average.trackable if average else None)
+    best = BestCheckpoint(str(directory / "best"), keeper.checkpoint, metric="valid/loss")
+    return SimpleNamespace(model=model, weight_average=average, step=step, keeper=keeper,
+                           best=best, restore_latest=keeper.restore_latest)
+
+
+def _set_weights(state, value: float) -> None:
+    for variable in state.model.weights:
+        variable.assign(tf.fill(variable.shape, value))
+    for average in state.weight_average.averages if state.weight_average else ():
+        average.assign(tf.fill(average.shape, value + 0.5))
+
+
+def _weights_of(state) -> list[float]:
+    values = [float(v.numpy().flat[0]) for v in state.model.weights]
+    return values + [float(a.numpy().flat[0]) for a in
+                     (state.weight_average.averages if state.weight_average else ())]
+
+
+def test_the_best_checkpoint_restores_whichever_evaluation_it_was(tmp_path, capsys):
+    """Issue 25: the first evaluation's best checkpoint is written before CheckpointManager's
+    first save, so it has no save counter; restoring it at the end must work like any other
+    (with the averages, and after a resume), and one that does not match is one line."""
+    from trainer.loop import finish
+    s = _checkpointed_state(tmp_path / "run")
+    _set_weights(s, 1.0)
+    s.step.assign(5)
+    assert s.best.update(5, 0.5)  # the first evaluation, before any save: the best
+    _set_weights(s, 2.0)
+    s.step.assign(10)
+    s.keeper.save()
+    assert not s.best.update(10, 0.9)
+    assert finish._restore_best_weights(s, 10) == (5, None)
+    assert _weights_of(s) == [1.0, 1.0, 1.5, 1.5]  # model and averages of step 5
+    # A later best (written after a save) restores by the same rule.
+    _set_weights(s, 3.0)
+    s.step.assign(15)
+    s.keeper.save()
+    assert s.best.update(15, 0.1)
+    _set_weights(s, 4.0)
+    assert finish._restore_best_weights(s, 15) == (15, None)
+    assert _weights_of(s) == [3.0, 3.0, 3.5, 3.5]
+    # After a resume: fresh objects, the latest checkpoint restored first.
+    first = _checkpointed_state(tmp_path / "first_best")
+    _set_weights(first, 1.0)
+    first.best.update(5, 0.5)
+    _set_weights(first, 2.0)
+    first.step.assign(10)
+    first.keeper.save()
+    resumed = _checkpointed_state(tmp_path / "first_best")
+    resumed.restore_latest()
+    assert _weights_of(resumed) == [2.0, 2.0, 2.5, 2.5]
+    assert finish._restore_best_weights(resumed, 10) == (5, None)
+    assert _weights_of(resumed) == [1.0, 1.0, 1.5, 1.5]
+    # A best checkpoint of other objects (no averages in it): one line, the last weights kept.
+    other = _checkpointed_state(tmp_path / "other", ema=False)
+    other.best.update(5, 0.5)
+    s.best.state["path"] = other.best.summary()["path"]
+    capsys.readouterr()
+    step, problem = finish._restore_best_weights(s, 15)
+    assert step == 15 and "\n" not in problem and "does not hold every value" in problem
+    assert _weights_of(s) == [3.0, 3.0, 3.5, 3.5]  # the final checkpoint's (step 15)
+    assert capsys.readouterr().out == (f"warning: {problem}; the outputs hold the last step's "
+                                       f"weights (step 15)\n")
+
+
 # --- class weights --------------------------------------------------------------------------------
 def _demo_batch(demo_dir, per_class: dict[int, int]):
     """Real demo JPEGs (train split) decoded to [N, 32, 32, 3]: per_class[c] images of class c."""

@@ -2,7 +2,9 @@
 
   1. the final checkpoint (unless the latest one already holds the last step); when early
      stopping ended the run, the model then takes the best checkpoint's weights, and every
-     output below holds those (results.json: "weights_step", "stopped")
+     output below holds those (results.json: "weights_step", "stopped"); a best checkpoint
+     that cannot be read is one warning line and the outputs hold the last step's weights
+     ("best_checkpoint_error")
   2. the final evaluation of every split (valid also updates the best checkpoint)
   3. calibration (chief): one temperature fitted on the valid split's logits, the expected
      calibration error before and after on every split, reliability diagrams in TensorBoard
@@ -29,7 +31,7 @@ import tensorflow as tf
 
 from trainer.loop.controller import Controller
 from trainer.report import figures
-from trainer.state import run_dir
+from trainer.state import checkpoints, run_dir
 from trainer.tools import analysis, calibration, serving
 
 
@@ -48,12 +50,15 @@ def finish(controller: Controller, run_start: float) -> dict:
     with controller.reporter.overhead():
         s.keeper.save_at_end(step)
     controller.freeze.close()  # a frozen backbone is unfrozen: the saved model is trainable
-    weights_step = _restore_best_weights(s) if controller.stopped_early else step
+    weights_step, problem = _restore_best_weights(s, step) if controller.stopped_early \
+        else (step, None)
     results = {"steps": step, "epochs": step / plan.steps_per_epoch, "splits": {},
                "weights": f"moving average (--ema_decay={config.ema_decay:g})"
                if s.weight_average else "trained",
                "weights_step": weights_step,
                "stopped": controller.stopped_early or "end of schedule"}
+    if problem:
+        results["best_checkpoint_error"] = problem
     for split in s.inputs.eval_splits:
         _stop_if_asked(controller)
         results["splits"][split] = controller.evaluate(split, step, final=True)
@@ -138,18 +143,28 @@ def _calibrate(s, step: int) -> dict | None:
     return result
 
 
-def _restore_best_weights(s) -> int:
-    """The best checkpoint's model weights (and averages) into the model; its step. The run's
-    counters and optimizer stay those of the last step (a restart finishes the same way)."""
+def _restore_best_weights(s, step: int) -> tuple[int, str | None]:
+    """The best checkpoint's model weights (and averages) into the model: (its step, None). The
+    run's counters and optimizer stay those of the last step (a restart finishes the same way).
+    A best checkpoint that cannot be read (no record, files missing or of another model) is one
+    line, and the outputs hold the last step's weights: (step, that line)."""
     best = s.best.summary()
     parts = {"model": s.model}
     if s.weight_average:
         parts["ema"] = s.weight_average.trackable
-    tf.train.Checkpoint(**parts).restore(best["path"]).expect_partial() \
-        .assert_existing_objects_matched()
+    try:
+        if best is None:
+            raise checkpoints.CheckpointMismatch("no best checkpoint recorded")
+        checkpoints.restore_objects(best["path"], **parts)
+    except checkpoints.CheckpointMismatch as e:
+        s.restore_latest()  # the final checkpoint: the last step's weights, whole again
+        problem = f"the best checkpoint could not be restored: {e}"
+        print(f"warning: {problem}; the outputs hold the last step's weights (step {step})",
+              flush=True)
+        return step, problem
     print(f"the outputs hold the best checkpoint's weights: step {best['step']} "
           f"({best['metric']} {best['value']:.4f})", flush=True)
-    return int(best["step"])
+    return int(best["step"]), None
 
 
 def _save_model_file(s) -> str:

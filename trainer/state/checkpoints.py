@@ -52,6 +52,34 @@ class CheckpointKeeper:
         return self.manager.save(check_interval=False)
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint lacks values for some of the objects asked for; str() is one line, `detail`
+    TensorFlow's own first line."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+def restore_objects(path: str, **objects) -> None:
+    """Restore `objects` (e.g. model=..., ema=...) from the checkpoint at `path`, one rule for
+    all of them: every variable they hold must have a value there, and whatever else the
+    checkpoint holds (optimizer slots, counters, the best-checkpoint record, the save counter
+    that only CheckpointManager saves write) is left unread. `Checkpoint.read`, not `restore`:
+    `restore` adds a save counter to the objects checked, and a best checkpoint written at the
+    run's first evaluation, before the first CheckpointManager save, has none. Raises
+    CheckpointMismatch (values may then be partly assigned)."""
+    try:
+        status = tf.train.Checkpoint(**objects).read(path)
+        status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else type(e).__name__
+        raise CheckpointMismatch(f"checkpoint {path} does not hold every value of the "
+                                 f"{' and '.join(objects)} ({first})", first) from None
+
+
 _SHORT = {"valid/accuracy": "valid acc", "valid/loss": "valid loss",
           "valid/balanced_accuracy": "valid bal acc"}
 
