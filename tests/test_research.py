@@ -107,12 +107,17 @@ def test_early_stopping_stops_at_the_right_evaluation_and_outputs_the_best(early
     model_dir, _, stdout, results = early_run
     losses = _valid_losses(stdout)
     steps = sorted(losses)
-    # Replay the rule: stop at the first evaluation that is the PATIENCE-th without a lower loss.
+    # The default --early_stopping_start: the end of the warmup (0.5 epochs).
+    start = int(re.search(r"counted from step (\d+) \(--early_stopping_start=warmup: the end of "
+                          r"the warmup\)", stdout).group(1))
+    assert start == json.loads((model_dir / "plan.json").read_text())["warmup_steps"] > 0
+    # Replay the rule: stop at the first evaluation that is the PATIENCE-th without a lower loss
+    # among those from the start on.
     best_step, since, stop_step = steps[0], 0, None
     for step in steps[1:]:
         if losses[step] < losses[best_step]:
             best_step, since = step, 0
-        else:
+        elif step >= start:
             since += 1
         if since >= PATIENCE:
             stop_step = step
@@ -160,6 +165,56 @@ def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
     # A changed metric starts anew: the first evaluation is the best.
     other = BestCheckpoint(str(tmp_path / "best"), again_checkpoint, metric="valid/accuracy")
     assert other.update(20, 0.3) and other.evaluations_since_best == 0
+
+
+def test_early_stopping_start_reads_steps_epochs_a_fraction_or_the_warmup_end():
+    from trainer.config import Config, RunPlan
+    # 640 images at global batch 32: 20 steps per epoch, 200 steps, warmup 1.5 epochs = 30.
+    plan = RunPlan.make(Config(batch_size=32, epochs=10, warmup_epochs=1.5), 1, 640)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (20, 200, 30)
+    assert Config().early_stopping_start == "warmup"  # the default: after the warmup
+    starts = {text: plan.early_stopping_start(text) for text in
+              ("warmup", "45", "45steps", "0", "2epochs", "0.25epochs", "0.25", ".1")}
+    assert starts == {"warmup": 30, "45": 45, "45steps": 45, "0": 0, "2epochs": 40,
+                      "0.25epochs": 5, "0.25": 50, ".1": 20}
+
+
+def test_evaluations_before_the_start_never_count_against_the_patience(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.config import Config, RunPlan
+    from trainer.loop.actions import TrackBest, early_stopping_reason
+    from trainer.state.checkpoints import BestCheckpoint
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plan = RunPlan.make(Config(batch_size=10, train_steps=100, warmup_epochs=3), 1, 100)
+    assert plan.warmup_steps == 30
+    losses = ((10, 1.0), (20, 1.5), (30, 1.6), (40, 0.8), (50, 0.9), (60, 0.9), (70, 0.9))
+    runs = {}
+    for start in ("warmup", "0"):
+        best = BestCheckpoint(str(tmp_path / start / "best"), tf.train.Checkpoint(model=model),
+                              metric="valid/loss")
+        state = SimpleNamespace(best=best, plan=plan, current_step=0,
+                                config=Config(early_stopping_patience=2,
+                                              early_stopping_start=start))
+        track, stopped_at = TrackBest(state), None
+        for at, loss in losses:
+            state.current_step = at
+            track.after_evaluation("valid", at, {"loss": loss, "accuracy": 0.5})
+            if early_stopping_reason(state):
+                stopped_at = at
+                break
+        runs[start] = (stopped_at, int(best.record.step.numpy()))
+    # Counted from step 0, 20 and 30 are two without improvement; from the warmup's end (30),
+    # 20 never counted: the run goes on, finds the better step 40, and stops at 60.
+    assert runs == {"0": (30, 10), "warmup": (60, 40)}
+    assert early_stopping_reason(state).startswith(
+        "early stopping at step 30: valid/loss has not improved for 2 evaluations "
+        "(--early_stopping_patience=2, counted from step 0)")
+    # A start moved later on resume (--allow_change): no early stop before it.
+    state.config = Config(early_stopping_patience=2, early_stopping_start="0.5")
+    assert early_stopping_reason(state) is None
+    state.current_step = 50
+    assert early_stopping_reason(state) is not None
 
 
 def _checkpointed_state(directory, ema: bool = True):

@@ -13,7 +13,8 @@ from absl import flags
 
 from models import registry
 from trainer.loop import resume
-from trainer.config import BEST_METRICS, Config, parse_profile_steps, parse_randaugment
+from trainer.config import (BEST_METRICS, Config, parse_early_stopping_start,
+                            parse_profile_steps, parse_randaugment)
 
 _D = Config()  # every flag's default is the Config field's
 
@@ -150,6 +151,12 @@ flags.DEFINE_enum("best_metric", _D.best_metric, list(BEST_METRICS), "The valid 
 flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience, "Stop after this "
                      "many valid evaluations without a better --best_metric; the outputs then "
                      "hold the best checkpoint's weights. 0: off.", lower_bound=0)
+flags.DEFINE_string("early_stopping_start", _D.early_stopping_start, "Valid evaluations "
+                    "before this point never count against --early_stopping_patience (they may "
+                    "still be the best): `warmup` (the end of the learning-rate warmup, so a "
+                    "rising rate stops nothing), N or Nsteps (a step), Xepochs (fractions "
+                    "allowed, like --epochs), or a fraction 0 <= F < 1 written with a decimal "
+                    "point (that share of the run's steps, e.g. 0.25).")
 flags.DEFINE_enum("class_weight", _D.class_weight, ["none", "balanced"], "`balanced` weighs "
                   "each training example's loss by n_images / (n_classes * n_images_of_its_class)"
                   " of the train split (evaluation losses stay unweighted).")
@@ -228,6 +235,17 @@ def _synthetic_needs_steps(values):
 def _profile_steps(value):
     try:
         parse_profile_steps(value)
+    except ValueError:
+        return False
+    return True
+
+
+@flags.validator("early_stopping_start", message="--early_stopping_start must be warmup, a "
+                 "step N (or Nsteps), Xepochs with X >= 0, or a fraction 0 <= F < 1 of the run "
+                 "written with a decimal point (e.g. 0.25)")
+def _early_stopping_start(value):
+    try:
+        parse_early_stopping_start(value)
     except ValueError:
         return False
     return True

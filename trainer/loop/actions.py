@@ -183,7 +183,8 @@ class HighLossGallery:
 class TrackBest:
     """Keeps the checkpoint of the best --best_metric (checkpoints/best/); with
     --early_stopping_patience=N asks the controller to stop after N valid evaluations without
-    improvement (the count is in the checkpoint, so a restart stops where a whole run would)."""
+    improvement, counting only those from --early_stopping_start on (the count is in the
+    checkpoint, so a restart stops where a whole run would)."""
 
     def __init__(self, state: RunState):
         self.state = state
@@ -191,22 +192,42 @@ class TrackBest:
     def after_evaluation(self, split: str, step: int, values: dict) -> None:
         if split == "valid":  # a full checkpoint (with the averages under --ema_decay)
             best = self.state.best
-            best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"])
+            best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"],
+                        counts=step >= early_stopping_start(self.state))
             log(f"  {best.describe()}")
 
     def stop_reason(self) -> str | None:
         return early_stopping_reason(self.state)
 
 
+def early_stopping_start(state: RunState) -> int:
+    """The first step whose valid evaluation counts against --early_stopping_patience."""
+    return state.plan.early_stopping_start(state.config.early_stopping_start)
+
+
+def describe_early_stopping(state: RunState) -> str:
+    """The start-up line of a run with --early_stopping_patience."""
+    config, start = state.config, early_stopping_start(state)
+    given = config.early_stopping_start
+    never = f"; the run ends at step {state.plan.total_steps} before that" \
+        if start > state.plan.total_steps else ""
+    return (f"early stopping after {config.early_stopping_patience} valid evaluations without a "
+            f"better {config.best_metric}, counted from step {start} (--early_stopping_start="
+            f"{given}{': the end of the warmup' if given.strip().lower() == 'warmup' else ''})"
+            f"{never}")
+
+
 def early_stopping_reason(state: RunState) -> str | None:
-    """One line saying why the run stops early, or None while it goes on."""
+    """One line saying why the run stops early, or None while it goes on (never before
+    --early_stopping_start, also when a resume moved it later)."""
     patience = state.config.early_stopping_patience
     since = state.best.evaluations_since_best
-    if not patience or since < patience:
+    start = early_stopping_start(state)
+    if not patience or since < patience or state.current_step < start:
         return None
     return (f"early stopping at step {state.current_step}: {state.best.metric} has not improved "
-            f"for {since} evaluations (--early_stopping_patience={patience}); "
-            f"{state.best.describe()}")
+            f"for {since} evaluations (--early_stopping_patience={patience}, counted from step "
+            f"{start}); {state.best.describe()}")
 
 
 class NonFiniteGuard:

@@ -87,7 +87,7 @@ _SHORT = {"valid/accuracy": "valid acc", "valid/loss": "valid loss",
 class BestCheckpoint:
     """The checkpoint with the best `metric` (--best_metric) so far, kept apart from the latest K
     (which CheckpointManager deletes as training goes on), and the count of evaluations since
-    it (for --early_stopping_patience).
+    it that count (for --early_stopping_patience: those from --early_stopping_start on).
 
     `directory` (model_dir/checkpoints/best) holds `ckpt-<step>.index`, `ckpt-<step>.data-*` and
     `best.json` ({"step", "metric", "value", "valid_accuracy", "checkpoint"}). A new best is
@@ -132,15 +132,18 @@ class BestCheckpoint:
         best = float(self.record.value.numpy())
         return value < best if BEST_METRICS[self.metric] == "min" else value > best
 
-    def update(self, step: int, value: float, valid_accuracy: float | None = None) -> bool:
+    def update(self, step: int, value: float, valid_accuracy: float | None = None,
+               counts: bool = True) -> bool:
         """Save the model as the best one if `value` (of the metric) beats the best so far;
-        True if saved. Otherwise one more evaluation without improvement."""
+        True if saved. Otherwise one more evaluation without improvement, if it `counts`
+        (False before --early_stopping_start)."""
         record = self.record
         if int(record.metric.numpy()) != self.metric_id:  # --best_metric changed on resume
             record.step.assign(-1)
             record.metric.assign(self.metric_id)
         if not self._better(value):
-            record.evaluations_since.assign_add(1)
+            if counts:
+                record.evaluations_since.assign_add(1)
             return False
         record.step.assign(int(step))
         record.value.assign(float(value))
