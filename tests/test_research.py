@@ -217,6 +217,17 @@ def test_evaluations_before_the_start_never_count_against_the_patience(tmp_path)
     assert early_stopping_reason(state) is not None
 
 
+def test_class_weights_line_names_the_extremes_or_says_all_are_equal():
+    from trainer.state.run_state import balanced_class_weights, describe_class_weights
+    names = ["ASTRONAUT", "SHUTTLE", "ROVER"]
+    equal = balanced_class_weights([0, 1, 2, 0, 1, 2], 3)
+    assert describe_class_weights(equal, names) == \
+        "class weights (balanced): all 1 (the train classes are balanced)"
+    skewed = balanced_class_weights([0, 0, 0, 0, 1, 2, 2, 2], 3)
+    assert describe_class_weights(skewed, names) == \
+        "class weights (balanced): 0.667 (ASTRONAUT) to 2.67 (SHUTTLE)"
+
+
 def _checkpointed_state(directory, ema: bool = True):
     """What finishing restores from: a small model, its weight averages, the latest-K keeper
     and the best checkpoint wired as trainer/state/run_state.py wires them."""
