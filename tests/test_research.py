@@ -3,7 +3,9 @@ across replicas), --best_metric and early stopping (the right evaluation, the be
 weights in every output, a patience count that survives a restart), --class_weight=balanced,
 temperature calibration and the calibrated serving signature with --unknown_below, ...
 
-One short demo run with early stopping is trained per module and reused (one device, 32 px).
+One short demo run with early stopping is trained per module and reused (one device, 32 px),
+and one run on four noisy colours (two replicas) whose best checkpoint is its first evaluation
+(issue 25), by tests/finish_probe.py, which counts the evaluation batches it reads.
 The calibrated run evaluates with --eval_crop=0.95 (short side 33, the centre 32 x 32: a crop,
 not the default squash): its evaluations, calibration, export and TFLite input must all use
 those pixels. (At 0.875 the crop cuts further into these frame-filling digits, and the high-loss
@@ -139,6 +141,101 @@ def test_early_stopping_stops_at_the_right_evaluation_and_outputs_the_best(early
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(exported(images), best_model(images), atol=1e-5)
     assert results["export_dir"].endswith(f"export/{stop_step}")
+
+
+COLOURS = {"blue": (30, 40, 200), "green": (30, 180, 40), "red": (200, 30, 30),
+           "yellow": (220, 210, 40)}
+
+
+def _colour_set(root, train: int = 48, evaluate: int = 5, size: int = 32):
+    """JPEG files of four noisy solid colours, learnt within 10 steps; valid and test get one
+    red image filed under blue, which no model classifies right (valid accuracy 20/21 at best,
+    and a misclassified image for the gallery)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+
+    def image(rgb):
+        pixels = np.array(rgb) + rng.normal(0, 25, (size, size, 3))
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    for split, count in (("train", train), ("valid", evaluate), ("test", evaluate)):
+        for name, rgb in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                image(rgb).save(root / split / name / f"{i:03d}.jpg", quality=90)
+        if split != "train":
+            image(COLOURS["red"]).save(root / split / "blue" / "mislabelled.jpg", quality=90)
+    return root
+
+
+# 192 train images at global batch 32 on two replicas: 6 steps per epoch, a warmup of 4 epochs
+# (24 steps), valid at 10, 20, 30, 40. Valid and test: 21 images in eval batches of 16 (11
+# weight-0 padding images; 4 batches of 8 per replica).
+FIRST_BEST = dict(model="small_resnet", image_size=32, batch_size=32, base_lr=0.003,
+                  warmup_epochs=4, train_steps=60, eval_every_steps=10, steps_per_loop=10,
+                  early_stopping_patience=2, distribution_strategy="mirrored", cpu_devices=2,
+                  eval_batch_size=16, high_loss_scan=0)
+
+
+@pytest.fixture(scope="module")
+def first_best_run(tmp_path_factory):
+    """Issue 25's case: the best checkpoint is the run's first evaluation (step 10; the later
+    ones tie at 20/21 and ties keep the earlier), written before the first regular checkpoint;
+    early stopping ends the run. Run by tests/finish_probe.py, which also counts the
+    evaluation batches each split's datasets give (two replicas, default
+    --early_stopping_start)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    root = tmp_path_factory.mktemp("first_best")
+    data, model_dir = _colour_set(root / "data"), root / "run"
+    config = dict(FIRST_BEST, data_dir=str(data), model_dir=str(model_dir))
+    (root / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "tests.finish_probe", str(root / "config.json"),
+                           str(root / "probe.json")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return model_dir, done.stdout, json.loads((root / "probe.json").read_text())
+
+
+def test_a_best_first_evaluation_is_what_every_output_holds(first_best_run):
+    from trainer.state.run_dir import SavedRun
+    model_dir, stdout, probe = first_best_run
+    losses = _valid_losses(stdout)
+    assert sorted(losses) == [10, 20, 30, 40], stdout
+    best = json.loads((model_dir / "checkpoints" / "best" / "best.json").read_text())
+    assert best["step"] == 10, stdout  # the premise: the first evaluation is the best
+    best_path = str(model_dir / "checkpoints" / "best" / "ckpt-10")
+    saved = [name for name, _ in tf.train.list_variables(best_path)]
+    assert not any(name.startswith("save_counter") for name in saved)  # what crashed
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results == probe["results"]
+    assert (results["steps"], results["weights_step"]) == (40, 10)
+    assert "best_checkpoint_error" not in results
+    assert "the outputs hold the best checkpoint's weights: step 10" in stdout
+    assert round(results["splits"]["valid"]["loss"], 4) == losses[10]
+    run = SavedRun.load(str(model_dir))
+    best_weights = run.restore_model(best_path).get_weights()
+    last_weights = run.restore_model(run.checkpoint_path("latest")).get_weights()
+    assert run.checkpoint_path("latest").endswith("ckpt-2")  # step 10's save and the final one
+    assert not all(np.allclose(b, w) for b, w in zip(best_weights, last_weights))
+    for path in (model_dir / "model.keras", model_dir / "export" / "40" / "model.keras"):
+        for saved_weight, best_weight in zip(keras.models.load_model(path).get_weights(),
+                                             best_weights):
+            np.testing.assert_allclose(saved_weight, best_weight, atol=1e-6, err_msg=str(path))
+    assert results["export_dir"].endswith("export/40")
+
+
+def test_evaluations_before_the_warmup_end_do_not_count_in_a_run(first_best_run):
+    model_dir, stdout, _ = first_best_run
+    results = json.loads((model_dir / "results.json").read_text())
+    assert json.loads((model_dir / "plan.json").read_text())["warmup_steps"] == 24
+    assert "early stopping after 2 valid evaluations without a better valid/accuracy, counted " \
+           "from step 24 (--early_stopping_start=warmup: the end of the warmup)" in stdout
+    # Step 20 did not improve on step 10 but came before step 24: only 30 and 40 count.
+    assert results["stopped"].startswith(
+        "early stopping at step 40: valid/accuracy has not improved for 2 evaluations "
+        "(--early_stopping_patience=2, counted from step 24)")
 
 
 def test_a_restart_of_an_early_stopped_run_trains_nothing(early_run):
