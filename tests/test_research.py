@@ -14,6 +14,7 @@ test below found only one of the three planted mislabelled images among the 12.)
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import keras
@@ -238,6 +239,49 @@ def test_evaluations_before_the_warmup_end_do_not_count_in_a_run(first_best_run)
         "(--early_stopping_patience=2, counted from step 24)")
 
 
+def test_the_end_of_a_run_evaluates_each_split_once_and_everything_uses_that_pass(
+        first_best_run):
+    """Issue 21 item 4: one pass per split gives the metrics (two replicas, 11 weight-0
+    padding images), the logits and labels for the calibration and the figures; the
+    evaluation step is traced once for both splits (same batch shape)."""
+    import models.batchnorm  # noqa: F401  (registers the fused BatchNorm layer model.keras uses)
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from trainer.tools import analysis, calibration
+    model_dir, _, probe = first_best_run
+    one_pass = 4  # 21 images padded to 32: 2 global batches of 16, 4 of 8 per replica
+    finishing = {split: probe["drawn"][split] - probe["drawn_before_finish"].get(split, 0)
+                 for split in ("valid", "test")}
+    assert finishing == {"valid": one_pass, "test": one_pass}, probe
+    assert probe["drawn_before_finish"] == {"valid": 4 * one_pass}  # steps 10, 20, 30, 40
+    assert probe["traces"]["_eval_batch"] == 1, probe["traces"]
+    # What that pass gave is right: the metrics of model.keras (step 10's weights) over the
+    # files, and the temperature fitted to its valid logits.
+    results = probe["results"]
+    model = keras.models.load_model(model_dir / "model.keras")
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    for split in ("valid", "test"):
+        files = sorted(str(p) for p in (model_dir.parent / "data" / split).rglob("*.jpg"))
+        labels = [class_names.index(os.path.basename(os.path.dirname(f))) for f in files]
+        predictions = analysis.predict_split(model, files, labels, image_size=32, batch_size=16,
+                                             gallery_size=0)
+        report = analysis.make_report(predictions, class_names, split=split, step=40)
+        values = results["splits"][split]
+        assert values["images"] == report.num_images == 21
+        assert values["accuracy"] == pytest.approx(report.accuracy, abs=1e-6)
+        assert values["loss"] == pytest.approx(report.loss, rel=1e-4, abs=1e-5)
+        if split == "valid":
+            assert results["calibration"]["temperature"] == pytest.approx(
+                calibration.fit_temperature(predictions.logits, predictions.labels), rel=1e-3)
+    events = event_accumulator.EventAccumulator(
+        str(model_dir / "eval"), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    for tag in ("valid/confusion_matrix", "valid/misclassified"):  # the red image in blue/
+        assert [e.step for e in events.Tensors(tag)] == [10, 20, 30, 40, 40], tag
+    for tag in ("test/confusion_matrix", "test/misclassified", "valid/reliability_diagram"):
+        assert [e.step for e in events.Tensors(tag)] == [40], tag
+
+
 def test_a_restart_of_an_early_stopped_run_trains_nothing(early_run):
     model_dir, args, _, results = early_run
     again = run_trainer(*args)
@@ -296,7 +340,7 @@ def test_evaluations_before_the_start_never_count_against_the_patience(tmp_path)
         track, stopped_at = TrackBest(state), None
         for at, loss in losses:
             state.current_step = at
-            track.after_evaluation("valid", at, {"loss": loss, "accuracy": 0.5})
+            track.after_evaluation("valid", at, {"loss": loss, "accuracy": 0.5}, None)
             if early_stopping_reason(state):
                 stopped_at = at
                 break

@@ -168,8 +168,9 @@ flags.DEFINE_float("unknown_below", _D.unknown_below, "The exported serving sign
                    "the class name `unknown` when the calibrated top-1 probability is below "
                    "this; 0: off.", lower_bound=0.0, upper_bound=1.0)
 # --- TensorBoard extras ---------------------------------------------------------------------
-flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, one more pass over the split to "
-                     "draw its confusion matrix and a gallery of misclassified images.")
+flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, the split's "
+                     "confusion matrix and a gallery of misclassified images, drawn from the "
+                     "evaluation's own pass (no other pass over the split).")
 flags.DEFINE_integer("high_loss_scan", _D.high_loss_scan, "At each valid evaluation, scan "
                      "this many training images (a seeded sample; all if the set is smaller) and "
                      "show the 12 with the highest loss, titled with label and prediction "

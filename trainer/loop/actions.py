@@ -1,7 +1,8 @@
 """Small actions the controller runs around each loop and evaluation (Orbit's "actions").
 
 Hooks, each optional: `before_loop(first_step, last_step)`, `after_loop(result)`,
-`after_evaluation(split, step, values)`, `close()`. Actions that change the course of the run
+`after_evaluation(split, step, values, predictions)` (the evaluation's values and its
+analysis.Predictions, from the same pass), `close()`. Actions that change the course of the run
 (the non-finite guard, backbone freezing, the stop signal) have their own small interfaces.
 """
 from __future__ import annotations
@@ -108,22 +109,14 @@ class ProfileWindow:
 
 class EvalFigures:
     """The confusion matrix and misclassified gallery of each evaluated split (eval/<split>/...),
-    from one more pass over the split on the chief, with the evaluated weights."""
+    on the chief, from the evaluation's own pass (its logits, labels and gallery images)."""
 
     def __init__(self, state: RunState):
         self.state = state
 
-    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+    def after_evaluation(self, split: str, step: int, values: dict,
+                         predictions: analysis.Predictions) -> None:
         s = self.state
-        files = s.inputs.eval_splits[split]
-        with s.averaged():
-            predictions = analysis.predict_split(
-                s.model, files.files, files.labels, image_size=s.config.image_size,
-                batch_size=s.plan.eval_global_batch_size,
-                dataset=s.inputs.source.eval_dataset(
-                    files, image_size=s.config.image_size,
-                    global_batch_size=s.plan.eval_global_batch_size, cache="none",
-                    eval_crop=s.config.eval_crop))
         names = s.inputs.class_names
         confusion = analysis.confusion_matrix(predictions.labels, predictions.predicted,
                                               len(names))
@@ -145,6 +138,7 @@ class HighLossGallery:
 
     def __init__(self, state: RunState):
         self.state = state
+        self.infer = analysis.inference_function(state.model)  # traced once per batch shape
         train = state.inputs.train
         count = min(state.config.high_loss_scan, len(train))
         chosen = np.sort(np.random.default_rng(state.config.seed).choice(
@@ -152,7 +146,7 @@ class HighLossGallery:
         self.files = [train.files[i] for i in chosen]
         self.labels = np.asarray([train.labels[i] for i in chosen], np.int64)
 
-    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+    def after_evaluation(self, split: str, step: int, values: dict, evaluated) -> None:
         if split != "valid":
             return
         s = self.state
@@ -163,7 +157,8 @@ class HighLossGallery:
             predictions = analysis.predict_split(s.model, self.files, self.labels,
                                                  image_size=s.config.image_size,
                                                  batch_size=s.plan.eval_global_batch_size,
-                                                 gallery_size=0, eval_crop=s.config.eval_crop)
+                                                 gallery_size=0, eval_crop=s.config.eval_crop,
+                                                 infer=self.infer)
         losses = analysis.cross_entropy(predictions.logits, predictions.labels)
         worst = np.argsort(-losses, kind="stable")[:self.SHOWN]
         names, probabilities = s.inputs.class_names, predictions.probabilities
@@ -189,7 +184,7 @@ class TrackBest:
     def __init__(self, state: RunState):
         self.state = state
 
-    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+    def after_evaluation(self, split: str, step: int, values: dict, evaluated) -> None:
         if split == "valid":  # a full checkpoint (with the averages under --ema_decay)
             best = self.state.best
             best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"],
