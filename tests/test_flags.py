@@ -119,6 +119,11 @@ RULES = [
     (["--randaugment=2,11"], "flag --randaugment=2,11: --randaugment must be N,M"),
     (["--backbone_lr_multiplier=0"], "flag --backbone_lr_multiplier=0.0: must be > 0"),
     (["--freeze_backbone_epochs=-1"], "flag --freeze_backbone_epochs=-1: -1.0 is not a non-neg"),
+    (["--early_stopping_start=soon"], "flag --early_stopping_start=soon: --early_stopping_start "
+                                      "must be warmup, a step N (or Nsteps), Xepochs"),
+    (["--early_stopping_start=1.5"], "flag --early_stopping_start=1.5: --early_stopping_start"),
+    (["--early_stopping_start=-3"], "flag --early_stopping_start=-3: --early_stopping_start"),
+    (["--early_stopping_start=nanepochs"], "flag --early_stopping_start=nanepochs: "),
     # folders and files
     (["--data_dir={root}/missing"], "flag --data_dir={root}/missing: no such folder"),
     (["--data_dir={root}/no_valid"], "flag --data_dir={root}/no_valid: has no valid/ folder"),

@@ -3,7 +3,9 @@ across replicas), --best_metric and early stopping (the right evaluation, the be
 weights in every output, a patience count that survives a restart), --class_weight=balanced,
 temperature calibration and the calibrated serving signature with --unknown_below, ...
 
-One short demo run with early stopping is trained per module and reused (one device, 32 px).
+One short demo run with early stopping is trained per module and reused (one device, 32 px),
+and one run on four noisy colours (two replicas) whose best checkpoint is its first evaluation
+(issue 25), by tests/finish_probe.py, which counts the evaluation batches it reads.
 The calibrated run evaluates with --eval_crop=0.95 (short side 33, the centre 32 x 32: a crop,
 not the default squash): its evaluations, calibration, export and TFLite input must all use
 those pixels. (At 0.875 the crop cuts further into these frame-filling digits, and the high-loss
@@ -12,6 +14,7 @@ test below found only one of the three planted mislabelled images among the 12.)
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import keras
@@ -107,12 +110,17 @@ def test_early_stopping_stops_at_the_right_evaluation_and_outputs_the_best(early
     model_dir, _, stdout, results = early_run
     losses = _valid_losses(stdout)
     steps = sorted(losses)
-    # Replay the rule: stop at the first evaluation that is the PATIENCE-th without a lower loss.
+    # The default --early_stopping_start: the end of the warmup (0.5 epochs).
+    start = int(re.search(r"counted from step (\d+) \(--early_stopping_start=warmup: the end of "
+                          r"the warmup\)", stdout).group(1))
+    assert start == json.loads((model_dir / "plan.json").read_text())["warmup_steps"] > 0
+    # Replay the rule: stop at the first evaluation that is the PATIENCE-th without a lower loss
+    # among those from the start on.
     best_step, since, stop_step = steps[0], 0, None
     for step in steps[1:]:
         if losses[step] < losses[best_step]:
             best_step, since = step, 0
-        else:
+        elif step >= start:
             since += 1
         if since >= PATIENCE:
             stop_step = step
@@ -134,6 +142,144 @@ def test_early_stopping_stops_at_the_right_evaluation_and_outputs_the_best(early
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(exported(images), best_model(images), atol=1e-5)
     assert results["export_dir"].endswith(f"export/{stop_step}")
+
+
+COLOURS = {"blue": (30, 40, 200), "green": (30, 180, 40), "red": (200, 30, 30),
+           "yellow": (220, 210, 40)}
+
+
+def _colour_set(root, train: int = 48, evaluate: int = 5, size: int = 32):
+    """JPEG files of four noisy solid colours, learnt within 10 steps; valid and test get one
+    red image filed under blue, which no model classifies right (valid accuracy 20/21 at best,
+    and a misclassified image for the gallery)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+
+    def image(rgb):
+        pixels = np.array(rgb) + rng.normal(0, 25, (size, size, 3))
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    for split, count in (("train", train), ("valid", evaluate), ("test", evaluate)):
+        for name, rgb in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                image(rgb).save(root / split / name / f"{i:03d}.jpg", quality=90)
+        if split != "train":
+            image(COLOURS["red"]).save(root / split / "blue" / "mislabelled.jpg", quality=90)
+    return root
+
+
+# 192 train images at global batch 32 on two replicas: 6 steps per epoch, a warmup of 4 epochs
+# (24 steps), valid at 10, 20, 30, 40. Valid and test: 21 images in eval batches of 16 (11
+# weight-0 padding images; 4 batches of 8 per replica).
+FIRST_BEST = dict(model="small_resnet", image_size=32, batch_size=32, base_lr=0.003,
+                  warmup_epochs=4, train_steps=60, eval_every_steps=10, steps_per_loop=10,
+                  early_stopping_patience=2, distribution_strategy="mirrored", cpu_devices=2,
+                  eval_batch_size=16, high_loss_scan=0)
+
+
+@pytest.fixture(scope="module")
+def first_best_run(tmp_path_factory):
+    """Issue 25's case: the best checkpoint is the run's first evaluation (step 10; the later
+    ones tie at 20/21 and ties keep the earlier), written before the first regular checkpoint;
+    early stopping ends the run. Run by tests/finish_probe.py, which also counts the
+    evaluation batches each split's datasets give (two replicas, default
+    --early_stopping_start)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    root = tmp_path_factory.mktemp("first_best")
+    data, model_dir = _colour_set(root / "data"), root / "run"
+    config = dict(FIRST_BEST, data_dir=str(data), model_dir=str(model_dir))
+    (root / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "tests.finish_probe", str(root / "config.json"),
+                           str(root / "probe.json")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return model_dir, done.stdout, json.loads((root / "probe.json").read_text())
+
+
+def test_a_best_first_evaluation_is_what_every_output_holds(first_best_run):
+    from trainer.state.run_dir import SavedRun
+    model_dir, stdout, probe = first_best_run
+    losses = _valid_losses(stdout)
+    assert sorted(losses) == [10, 20, 30, 40], stdout
+    best = json.loads((model_dir / "checkpoints" / "best" / "best.json").read_text())
+    assert best["step"] == 10, stdout  # the premise: the first evaluation is the best
+    best_path = str(model_dir / "checkpoints" / "best" / "ckpt-10")
+    saved = [name for name, _ in tf.train.list_variables(best_path)]
+    assert not any(name.startswith("save_counter") for name in saved)  # what crashed
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results == probe["results"]
+    assert (results["steps"], results["weights_step"]) == (40, 10)
+    assert "best_checkpoint_error" not in results
+    assert "the outputs hold the best checkpoint's weights: step 10" in stdout
+    assert round(results["splits"]["valid"]["loss"], 4) == losses[10]
+    run = SavedRun.load(str(model_dir))
+    best_weights = run.restore_model(best_path).get_weights()
+    last_weights = run.restore_model(run.checkpoint_path("latest")).get_weights()
+    assert run.checkpoint_path("latest").endswith("ckpt-2")  # step 10's save and the final one
+    assert not all(np.allclose(b, w) for b, w in zip(best_weights, last_weights))
+    for path in (model_dir / "model.keras", model_dir / "export" / "40" / "model.keras"):
+        for saved_weight, best_weight in zip(keras.models.load_model(path).get_weights(),
+                                             best_weights):
+            np.testing.assert_allclose(saved_weight, best_weight, atol=1e-6, err_msg=str(path))
+    assert results["export_dir"].endswith("export/40")
+
+
+def test_evaluations_before_the_warmup_end_do_not_count_in_a_run(first_best_run):
+    model_dir, stdout, _ = first_best_run
+    results = json.loads((model_dir / "results.json").read_text())
+    assert json.loads((model_dir / "plan.json").read_text())["warmup_steps"] == 24
+    assert "early stopping after 2 valid evaluations without a better valid/accuracy, counted " \
+           "from step 24 (--early_stopping_start=warmup: the end of the warmup)" in stdout
+    # Step 20 did not improve on step 10 but came before step 24: only 30 and 40 count.
+    assert results["stopped"].startswith(
+        "early stopping at step 40: valid/accuracy has not improved for 2 evaluations "
+        "(--early_stopping_patience=2, counted from step 24)")
+
+
+def test_the_end_of_a_run_evaluates_each_split_once_and_everything_uses_that_pass(
+        first_best_run):
+    """Issue 21 item 4: one pass per split gives the metrics (two replicas, 11 weight-0
+    padding images), the logits and labels for the calibration and the figures; the
+    evaluation step is traced once for both splits (same batch shape)."""
+    import models.batchnorm  # noqa: F401  (registers the fused BatchNorm layer model.keras uses)
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from trainer.tools import analysis, calibration
+    model_dir, _, probe = first_best_run
+    one_pass = 4  # 21 images padded to 32: 2 global batches of 16, 4 of 8 per replica
+    finishing = {split: probe["drawn"][split] - probe["drawn_before_finish"].get(split, 0)
+                 for split in ("valid", "test")}
+    assert finishing == {"valid": one_pass, "test": one_pass}, probe
+    assert probe["drawn_before_finish"] == {"valid": 4 * one_pass}  # steps 10, 20, 30, 40
+    assert probe["traces"]["_eval_batch"] == 1, probe["traces"]
+    # What that pass gave is right: the metrics of model.keras (step 10's weights) over the
+    # files, and the temperature fitted to its valid logits.
+    results = probe["results"]
+    model = keras.models.load_model(model_dir / "model.keras")
+    class_names = json.loads((model_dir / "classes.json").read_text())
+    for split in ("valid", "test"):
+        files = sorted(str(p) for p in (model_dir.parent / "data" / split).rglob("*.jpg"))
+        labels = [class_names.index(os.path.basename(os.path.dirname(f))) for f in files]
+        predictions = analysis.predict_split(model, files, labels, image_size=32, batch_size=16,
+                                             gallery_size=0)
+        report = analysis.make_report(predictions, class_names, split=split, step=40)
+        values = results["splits"][split]
+        assert values["images"] == report.num_images == 21
+        assert values["accuracy"] == pytest.approx(report.accuracy, abs=1e-6)
+        assert values["loss"] == pytest.approx(report.loss, rel=1e-4, abs=1e-5)
+        if split == "valid":
+            assert results["calibration"]["temperature"] == pytest.approx(
+                calibration.fit_temperature(predictions.logits, predictions.labels), rel=1e-3)
+    events = event_accumulator.EventAccumulator(
+        str(model_dir / "eval"), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    for tag in ("valid/confusion_matrix", "valid/misclassified"):  # the red image in blue/
+        assert [e.step for e in events.Tensors(tag)] == [10, 20, 30, 40, 40], tag
+    for tag in ("test/confusion_matrix", "test/misclassified", "valid/reliability_diagram"):
+        assert [e.step for e in events.Tensors(tag)] == [40], tag
 
 
 def test_a_restart_of_an_early_stopped_run_trains_nothing(early_run):
@@ -160,6 +306,145 @@ def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
     # A changed metric starts anew: the first evaluation is the best.
     other = BestCheckpoint(str(tmp_path / "best"), again_checkpoint, metric="valid/accuracy")
     assert other.update(20, 0.3) and other.evaluations_since_best == 0
+
+
+def test_early_stopping_start_reads_steps_epochs_a_fraction_or_the_warmup_end():
+    from trainer.config import Config, RunPlan
+    # 640 images at global batch 32: 20 steps per epoch, 200 steps, warmup 1.5 epochs = 30.
+    plan = RunPlan.make(Config(batch_size=32, epochs=10, warmup_epochs=1.5), 1, 640)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (20, 200, 30)
+    assert Config().early_stopping_start == "warmup"  # the default: after the warmup
+    starts = {text: plan.early_stopping_start(text) for text in
+              ("warmup", "45", "45steps", "0", "2epochs", "0.25epochs", "0.25", ".1")}
+    assert starts == {"warmup": 30, "45": 45, "45steps": 45, "0": 0, "2epochs": 40,
+                      "0.25epochs": 5, "0.25": 50, ".1": 20}
+
+
+def test_evaluations_before_the_start_never_count_against_the_patience(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.config import Config, RunPlan
+    from trainer.loop.actions import TrackBest, early_stopping_reason
+    from trainer.state.checkpoints import BestCheckpoint
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plan = RunPlan.make(Config(batch_size=10, train_steps=100, warmup_epochs=3), 1, 100)
+    assert plan.warmup_steps == 30
+    losses = ((10, 1.0), (20, 1.5), (30, 1.6), (40, 0.8), (50, 0.9), (60, 0.9), (70, 0.9))
+    runs = {}
+    for start in ("warmup", "0"):
+        best = BestCheckpoint(str(tmp_path / start / "best"), tf.train.Checkpoint(model=model),
+                              metric="valid/loss")
+        state = SimpleNamespace(best=best, plan=plan, current_step=0,
+                                config=Config(early_stopping_patience=2,
+                                              early_stopping_start=start))
+        track, stopped_at = TrackBest(state), None
+        for at, loss in losses:
+            state.current_step = at
+            track.after_evaluation("valid", at, {"loss": loss, "accuracy": 0.5}, None)
+            if early_stopping_reason(state):
+                stopped_at = at
+                break
+        runs[start] = (stopped_at, int(best.record.step.numpy()))
+    # Counted from step 0, 20 and 30 are two without improvement; from the warmup's end (30),
+    # 20 never counted: the run goes on, finds the better step 40, and stops at 60.
+    assert runs == {"0": (30, 10), "warmup": (60, 40)}
+    assert early_stopping_reason(state).startswith(
+        "early stopping at step 30: valid/loss has not improved for 2 evaluations "
+        "(--early_stopping_patience=2, counted from step 0)")
+    # A start moved later on resume (--allow_change): no early stop before it.
+    state.config = Config(early_stopping_patience=2, early_stopping_start="0.5")
+    assert early_stopping_reason(state) is None
+    state.current_step = 50
+    assert early_stopping_reason(state) is not None
+
+
+def test_class_weights_line_names_the_extremes_or_says_all_are_equal():
+    from trainer.state.run_state import balanced_class_weights, describe_class_weights
+    names = ["ASTRONAUT", "SHUTTLE", "ROVER"]
+    equal = balanced_class_weights([0, 1, 2, 0, 1, 2], 3)
+    assert describe_class_weights(equal, names) == \
+        "class weights (balanced): all 1 (the train classes are balanced)"
+    skewed = balanced_class_weights([0, 0, 0, 0, 1, 2, 2, 2], 3)
+    assert describe_class_weights(skewed, names) == \
+        "class weights (balanced): 0.667 (ASTRONAUT) to 2.67 (SHUTTLE)"
+
+
+def _checkpointed_state(directory, ema: bool = True):
+    """What finishing restores from: a small model, its weight averages, the latest-K keeper
+    and the best checkpoint wired as trainer/state/run_state.py wires them."""
+    from types import SimpleNamespace
+
+    from trainer.loop.ema import WeightAverage
+    from trainer.state.checkpoints import BestCheckpoint, CheckpointKeeper
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    average = WeightAverage(model, 0.9) if ema else None
+    step = tf.Variable(0, dtype=tf.int64)
+    keeper = CheckpointKeeper(str(directory), model=model, optimizer=keras.optimizers.SGD(),
+                              step=step, max_to_keep=2, every_steps=1,
+                              ema=average.trackable if average else None)
+    best = BestCheckpoint(str(directory / "best"), keeper.checkpoint, metric="valid/loss")
+    return SimpleNamespace(model=model, weight_average=average, step=step, keeper=keeper,
+                           best=best, restore_latest=keeper.restore_latest)
+
+
+def _set_weights(state, value: float) -> None:
+    for variable in state.model.weights:
+        variable.assign(tf.fill(variable.shape, value))
+    for average in state.weight_average.averages if state.weight_average else ():
+        average.assign(tf.fill(average.shape, value + 0.5))
+
+
+def _weights_of(state) -> list[float]:
+    values = [float(v.numpy().flat[0]) for v in state.model.weights]
+    return values + [float(a.numpy().flat[0]) for a in
+                     (state.weight_average.averages if state.weight_average else ())]
+
+
+def test_the_best_checkpoint_restores_whichever_evaluation_it_was(tmp_path, capsys):
+    """Issue 25: the first evaluation's best checkpoint is written before CheckpointManager's
+    first save, so it has no save counter; restoring it at the end must work like any other
+    (with the averages, and after a resume), and one that does not match is one line."""
+    from trainer.loop import finish
+    s = _checkpointed_state(tmp_path / "run")
+    _set_weights(s, 1.0)
+    s.step.assign(5)
+    assert s.best.update(5, 0.5)  # the first evaluation, before any save: the best
+    _set_weights(s, 2.0)
+    s.step.assign(10)
+    s.keeper.save()
+    assert not s.best.update(10, 0.9)
+    assert finish._restore_best_weights(s, 10) == (5, None)
+    assert _weights_of(s) == [1.0, 1.0, 1.5, 1.5]  # model and averages of step 5
+    # A later best (written after a save) restores by the same rule.
+    _set_weights(s, 3.0)
+    s.step.assign(15)
+    s.keeper.save()
+    assert s.best.update(15, 0.1)
+    _set_weights(s, 4.0)
+    assert finish._restore_best_weights(s, 15) == (15, None)
+    assert _weights_of(s) == [3.0, 3.0, 3.5, 3.5]
+    # After a resume: fresh objects, the latest checkpoint restored first.
+    first = _checkpointed_state(tmp_path / "first_best")
+    _set_weights(first, 1.0)
+    first.best.update(5, 0.5)
+    _set_weights(first, 2.0)
+    first.step.assign(10)
+    first.keeper.save()
+    resumed = _checkpointed_state(tmp_path / "first_best")
+    resumed.restore_latest()
+    assert _weights_of(resumed) == [2.0, 2.0, 2.5, 2.5]
+    assert finish._restore_best_weights(resumed, 10) == (5, None)
+    assert _weights_of(resumed) == [1.0, 1.0, 1.5, 1.5]
+    # A best checkpoint of other objects (no averages in it): one line, the last weights kept.
+    other = _checkpointed_state(tmp_path / "other", ema=False)
+    other.best.update(5, 0.5)
+    s.best.state["path"] = other.best.summary()["path"]
+    capsys.readouterr()
+    step, problem = finish._restore_best_weights(s, 15)
+    assert step == 15 and "\n" not in problem and "does not hold every value" in problem
+    assert _weights_of(s) == [3.0, 3.0, 3.5, 3.5]  # the final checkpoint's (step 15)
+    assert capsys.readouterr().out == (f"warning: {problem}; the outputs hold the last step's "
+                                       f"weights (step 15)\n")
 
 
 # --- class weights --------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ class Config:
     # Which checkpoint is best, when to stop, what the export returns
     best_metric: str = 'valid/accuracy'  # a key of trainer/state/checkpoints.BEST_METRICS
     early_stopping_patience: int = 0  # valid evaluations without improvement; 0 = off
+    # From when evaluations count against the patience: warmup (its end), N steps, Xepochs, or
+    # a fraction F < 1 of the run (see parse_early_stopping_start)
+    early_stopping_start: str = 'warmup'
     class_weight: str = 'none'  # none | balanced (loss weights from the train class counts)
     balanced_sampling: bool = False  # each epoch draws classes evenly (data/datasets.py)
     unknown_below: float = 0.0  # the export names a top-1 probability below this `unknown`
@@ -123,6 +126,32 @@ def parse_randaugment(text: str) -> tuple[int, float] | None:
     return num_ops, magnitude
 
 
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """A length given in epochs (fractions allowed: --warmup_epochs, --freeze_backbone_epochs,
+    --early_stopping_start=Xepochs) in whole steps."""
+    return int(round(epochs * steps_per_epoch))
+
+
+def parse_early_stopping_start(text: str) -> tuple[str, float]:
+    """--early_stopping_start: "warmup" -> ("warmup", 0); "N" or "Nsteps" -> ("steps", N);
+    "Xepochs" (fractions allowed, like --epochs) -> ("epochs", X); "F" with a decimal point and
+    0 <= F < 1 -> ("fraction", F) of the run's steps; anything else raises ValueError."""
+    value = text.strip().lower()
+    if value == "warmup":
+        return "warmup", 0.0
+    if value.isdigit() or (value.endswith("steps") and value[:-len("steps")].isdigit()):
+        return "steps", float(int(value.removesuffix("steps")))
+    if value.endswith("epochs"):
+        epochs = float(value[:-len("epochs")])  # ValueError on non-numbers
+        if not 0 <= epochs < math.inf:
+            raise ValueError(f"not a number of epochs >= 0: {text!r}")
+        return "epochs", epochs
+    fraction = float(value)  # ValueError on non-numbers
+    if "." not in value or not 0 <= fraction < 1:
+        raise ValueError(f"not a fraction 0 <= F < 1: {text!r}")
+    return "fraction", fraction
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
     """Derived numbers of a run; computed once the strategy and dataset are known."""
@@ -156,7 +185,7 @@ class RunPlan:
         else:
             total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
         learning_rate = config.base_lr * (num_replicas if config.scale_lr else 1)
-        warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps // 2)
+        warmup = min(epochs_to_steps(config.warmup_epochs, steps_per_epoch), total_steps // 2)
         from trainer.loop.precision import resolve_precision  # (TensorFlow: loaded by now)
         return cls(num_replicas, global_batch, eval_batch, learning_rate, num_train_images,
                    steps_per_epoch, total_steps, warmup,
@@ -169,3 +198,12 @@ class RunPlan:
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
+
+    def early_stopping_start(self, text: str) -> int:
+        """The first step whose valid evaluation counts against --early_stopping_patience."""
+        kind, value = parse_early_stopping_start(text)
+        if kind == "warmup":
+            return self.warmup_steps
+        if kind == "epochs":
+            return epochs_to_steps(value, self.steps_per_epoch)
+        return int(value) if kind == "steps" else int(round(value * self.total_steps))

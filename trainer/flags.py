@@ -13,7 +13,8 @@ from absl import flags
 
 from models import registry
 from trainer.loop import resume
-from trainer.config import BEST_METRICS, Config, parse_profile_steps, parse_randaugment
+from trainer.config import (BEST_METRICS, Config, parse_early_stopping_start,
+                            parse_profile_steps, parse_randaugment)
 
 _D = Config()  # every flag's default is the Config field's
 
@@ -157,6 +158,12 @@ flags.DEFINE_enum("best_metric", _D.best_metric, list(BEST_METRICS), "The valid 
 flags.DEFINE_integer("early_stopping_patience", _D.early_stopping_patience, "Stop after this "
                      "many valid evaluations without a better --best_metric; the outputs then "
                      "hold the best checkpoint's weights. 0: off.", lower_bound=0)
+flags.DEFINE_string("early_stopping_start", _D.early_stopping_start, "Valid evaluations "
+                    "before this point never count against --early_stopping_patience (they may "
+                    "still be the best): `warmup` (the end of the learning-rate warmup, so a "
+                    "rising rate stops nothing), N or Nsteps (a step), Xepochs (fractions "
+                    "allowed, like --epochs), or a fraction 0 <= F < 1 written with a decimal "
+                    "point (that share of the run's steps, e.g. 0.25).")
 flags.DEFINE_enum("class_weight", _D.class_weight, ["none", "balanced"], "`balanced` weighs "
                   "each training example's loss by n_images / (n_classes * n_images_of_its_class)"
                   " of the train split (evaluation losses stay unweighted).")
@@ -169,8 +176,9 @@ flags.DEFINE_float("unknown_below", _D.unknown_below, "The exported serving sign
                    "the class name `unknown` when the calibrated top-1 probability is below "
                    "this; 0: off.", lower_bound=0.0, upper_bound=1.0)
 # --- TensorBoard extras ---------------------------------------------------------------------
-flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, one more pass over the split to "
-                     "draw its confusion matrix and a gallery of misclassified images.")
+flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, the split's "
+                     "confusion matrix and a gallery of misclassified images, drawn from the "
+                     "evaluation's own pass (no other pass over the split).")
 flags.DEFINE_integer("high_loss_scan", _D.high_loss_scan, "At each valid evaluation, scan "
                      "this many training images (a seeded sample; all if the set is smaller) and "
                      "show the 12 with the highest loss, titled with label and prediction "
@@ -236,6 +244,17 @@ def _synthetic_needs_steps(values):
 def _profile_steps(value):
     try:
         parse_profile_steps(value)
+    except ValueError:
+        return False
+    return True
+
+
+@flags.validator("early_stopping_start", message="--early_stopping_start must be warmup, a "
+                 "step N (or Nsteps), Xepochs with X >= 0, or a fraction 0 <= F < 1 of the run "
+                 "written with a decimal point (e.g. 0.25)")
+def _early_stopping_start(value):
+    try:
+        parse_early_stopping_start(value)
     except ValueError:
         return False
     return True

@@ -1,7 +1,8 @@
 """Small actions the controller runs around each loop and evaluation (Orbit's "actions").
 
 Hooks, each optional: `before_loop(first_step, last_step)`, `after_loop(result)`,
-`after_evaluation(split, step, values)`, `close()`. Actions that change the course of the run
+`after_evaluation(split, step, values, predictions)` (the evaluation's values and its
+analysis.Predictions, from the same pass), `close()`. Actions that change the course of the run
 (the non-finite guard, backbone freezing, the stop signal) have their own small interfaces.
 """
 from __future__ import annotations
@@ -108,22 +109,14 @@ class ProfileWindow:
 
 class EvalFigures:
     """The confusion matrix and misclassified gallery of each evaluated split (eval/<split>/...),
-    from one more pass over the split on the chief, with the evaluated weights."""
+    on the chief, from the evaluation's own pass (its logits, labels and gallery images)."""
 
     def __init__(self, state: RunState):
         self.state = state
 
-    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+    def after_evaluation(self, split: str, step: int, values: dict,
+                         predictions: analysis.Predictions) -> None:
         s = self.state
-        files = s.inputs.eval_splits[split]
-        with s.averaged():
-            predictions = analysis.predict_split(
-                s.model, files.files, files.labels, image_size=s.config.image_size,
-                batch_size=s.plan.eval_global_batch_size,
-                dataset=s.inputs.source.eval_dataset(
-                    files, image_size=s.config.image_size,
-                    global_batch_size=s.plan.eval_global_batch_size, cache="none",
-                    eval_crop=s.config.eval_crop))
         names = s.inputs.class_names
         confusion = analysis.confusion_matrix(predictions.labels, predictions.predicted,
                                               len(names))
@@ -145,6 +138,7 @@ class HighLossGallery:
 
     def __init__(self, state: RunState):
         self.state = state
+        self.infer = analysis.inference_function(state.model)  # traced once per batch shape
         train = state.inputs.train
         count = min(state.config.high_loss_scan, len(train))
         chosen = np.sort(np.random.default_rng(state.config.seed).choice(
@@ -152,7 +146,7 @@ class HighLossGallery:
         self.files = [train.files[i] for i in chosen]
         self.labels = np.asarray([train.labels[i] for i in chosen], np.int64)
 
-    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+    def after_evaluation(self, split: str, step: int, values: dict, evaluated) -> None:
         if split != "valid":
             return
         s = self.state
@@ -163,7 +157,8 @@ class HighLossGallery:
             predictions = analysis.predict_split(s.model, self.files, self.labels,
                                                  image_size=s.config.image_size,
                                                  batch_size=s.plan.eval_global_batch_size,
-                                                 gallery_size=0, eval_crop=s.config.eval_crop)
+                                                 gallery_size=0, eval_crop=s.config.eval_crop,
+                                                 infer=self.infer)
         losses = analysis.cross_entropy(predictions.logits, predictions.labels)
         worst = np.argsort(-losses, kind="stable")[:self.SHOWN]
         names, probabilities = s.inputs.class_names, predictions.probabilities
@@ -183,30 +178,51 @@ class HighLossGallery:
 class TrackBest:
     """Keeps the checkpoint of the best --best_metric (checkpoints/best/); with
     --early_stopping_patience=N asks the controller to stop after N valid evaluations without
-    improvement (the count is in the checkpoint, so a restart stops where a whole run would)."""
+    improvement, counting only those from --early_stopping_start on (the count is in the
+    checkpoint, so a restart stops where a whole run would)."""
 
     def __init__(self, state: RunState):
         self.state = state
 
-    def after_evaluation(self, split: str, step: int, values: dict) -> None:
+    def after_evaluation(self, split: str, step: int, values: dict, evaluated) -> None:
         if split == "valid":  # a full checkpoint (with the averages under --ema_decay)
             best = self.state.best
-            best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"])
+            best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"],
+                        counts=step >= early_stopping_start(self.state))
             log(f"  {best.describe()}")
 
     def stop_reason(self) -> str | None:
         return early_stopping_reason(self.state)
 
 
+def early_stopping_start(state: RunState) -> int:
+    """The first step whose valid evaluation counts against --early_stopping_patience."""
+    return state.plan.early_stopping_start(state.config.early_stopping_start)
+
+
+def describe_early_stopping(state: RunState) -> str:
+    """The start-up line of a run with --early_stopping_patience."""
+    config, start = state.config, early_stopping_start(state)
+    given = config.early_stopping_start
+    never = f"; the run ends at step {state.plan.total_steps} before that" \
+        if start > state.plan.total_steps else ""
+    return (f"early stopping after {config.early_stopping_patience} valid evaluations without a "
+            f"better {config.best_metric}, counted from step {start} (--early_stopping_start="
+            f"{given}{': the end of the warmup' if given.strip().lower() == 'warmup' else ''})"
+            f"{never}")
+
+
 def early_stopping_reason(state: RunState) -> str | None:
-    """One line saying why the run stops early, or None while it goes on."""
+    """One line saying why the run stops early, or None while it goes on (never before
+    --early_stopping_start, also when a resume moved it later)."""
     patience = state.config.early_stopping_patience
     since = state.best.evaluations_since_best
-    if not patience or since < patience:
+    start = early_stopping_start(state)
+    if not patience or since < patience or state.current_step < start:
         return None
     return (f"early stopping at step {state.current_step}: {state.best.metric} has not improved "
-            f"for {since} evaluations (--early_stopping_patience={patience}); "
-            f"{state.best.describe()}")
+            f"for {since} evaluations (--early_stopping_patience={patience}, counted from step "
+            f"{start}); {state.best.describe()}")
 
 
 class NonFiniteGuard:

@@ -59,13 +59,14 @@ class Controller:
             if self.stop.requested:
                 self.preempt("")
 
-    def evaluate(self, split: str, step: int, final: bool = False) -> dict[str, float]:
-        """Evaluates the weights that are exported (the averages with --ema_decay)."""
+    def evaluate(self, split: str, step: int, final: bool = False) -> tuple[dict, object]:
+        """Evaluates the weights that are exported (the averages with --ema_decay) in one pass
+        over `split`: (values, predictions), which the actions get too (runner.evaluate)."""
         with self.state.averaged():
-            values = self.runner.evaluate(split)
+            values, predictions = self.runner.evaluate(split)
         self.reporter.evaluation(split, step, values, final)
-        self._each("after_evaluation", split, step, values)
-        return values
+        self._each("after_evaluation", split, step, values, predictions)
+        return values, predictions
 
     def preempt(self, during: str) -> None:
         """Save (in the loop; while finishing the final checkpoint exists) and stop."""

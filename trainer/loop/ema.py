@@ -76,7 +76,8 @@ def _tf_variable(variable):
 def restore_into(model: keras.Model, checkpoint_path: str) -> None:
     """Assign the averages saved in `checkpoint_path` to `model`'s trainable variables (a model
     built afresh by the registry, nothing frozen: the same variables in the same order as when
-    the averages were created). Raises AssertionError if the checkpoint lacks some of them."""
-    holder = _Averages([_tf_variable(v) for v in model.trainable_variables])
-    status = tf.train.Checkpoint(ema=holder).restore(checkpoint_path).expect_partial()
-    status.assert_existing_objects_matched()
+    the averages were created). Raises checkpoints.CheckpointMismatch (a ValueError) if the
+    checkpoint lacks some of them."""
+    from trainer.state.checkpoints import restore_objects
+    restore_objects(checkpoint_path,
+                    ema=_Averages([_tf_variable(v) for v in model.trainable_variables]))

@@ -2,8 +2,12 @@
 
   1. the final checkpoint (unless the latest one already holds the last step); when early
      stopping ended the run, the model then takes the best checkpoint's weights, and every
-     output below holds those (results.json: "weights_step", "stopped")
-  2. the final evaluation of every split (valid also updates the best checkpoint)
+     output below holds those (results.json: "weights_step", "stopped"); a best checkpoint
+     that cannot be read is one warning line and the outputs hold the last step's weights
+     ("best_checkpoint_error")
+  2. the final evaluation of every split, one pass each (runner.evaluate): the metrics, and the
+     logits, labels and misclassified images that the figures (actions.EvalFigures) and the
+     calibration use; valid also updates the best checkpoint
   3. calibration (chief): one temperature fitted on the valid split's logits, the expected
      calibration error before and after on every split, reliability diagrams in TensorBoard
      (trainer/tools/calibration.py); results.json "calibration"
@@ -29,8 +33,8 @@ import tensorflow as tf
 
 from trainer.loop.controller import Controller
 from trainer.report import figures
-from trainer.state import run_dir
-from trainer.tools import analysis, calibration, serving
+from trainer.state import checkpoints, run_dir
+from trainer.tools import calibration, serving
 
 
 def finished_results(model_dir: str, step: int) -> dict | None:
@@ -48,15 +52,20 @@ def finish(controller: Controller, run_start: float) -> dict:
     with controller.reporter.overhead():
         s.keeper.save_at_end(step)
     controller.freeze.close()  # a frozen backbone is unfrozen: the saved model is trainable
-    weights_step = _restore_best_weights(s) if controller.stopped_early else step
+    weights_step, problem = _restore_best_weights(s, step) if controller.stopped_early \
+        else (step, None)
     results = {"steps": step, "epochs": step / plan.steps_per_epoch, "splits": {},
                "weights": f"moving average (--ema_decay={config.ema_decay:g})"
                if s.weight_average else "trained",
                "weights_step": weights_step,
                "stopped": controller.stopped_early or "end of schedule"}
+    if problem:
+        results["best_checkpoint_error"] = problem
+    predictions = {}  # one pass per split: the metrics, and the logits for calibration
     for split in s.inputs.eval_splits:
         _stop_if_asked(controller)
-        results["splits"][split] = controller.evaluate(split, step, final=True)
+        results["splits"][split], predictions[split] = controller.evaluate(split, step,
+                                                                            final=True)
     results["best_checkpoint"] = s.best.summary()
     results["weights_sha256"] = weights_digest(s.model)
     print(f"final weights: sha256 {results['weights_sha256']}", flush=True)  # every worker
@@ -67,7 +76,7 @@ def finish(controller: Controller, run_start: float) -> dict:
         return results
     # From here on the chief works alone: its stop checks must not be collective.
     _stop_if_asked(controller, here_only=True)
-    results["calibration"] = _calibrate(s, step)
+    results["calibration"] = _calibrate(s, step, predictions)
     temperature = results["calibration"]["temperature"] if results["calibration"] else 1.0
     _stop_if_asked(controller, here_only=True)
     results["model_file"] = _save_model_file(s)
@@ -98,22 +107,13 @@ def weights_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _calibrate(s, step: int) -> dict | None:
+def _calibrate(s, step: int, predictions: dict) -> dict | None:
     """Temperature scaling fitted on valid (None without a valid split): the temperature, and
-    per split the ECE, NLL and accuracy before and after; a reliability diagram per split."""
-    if "valid" not in s.inputs.eval_splits:
+    per split the ECE, NLL and accuracy before and after; a reliability diagram per split.
+    `predictions`: each split's from its final evaluation (the evaluated weights)."""
+    if "valid" not in predictions:
         return None
-    logits = {}
-    with s.averaged():
-        for split, files in s.inputs.eval_splits.items():
-            predictions = analysis.predict_split(
-                s.model, files.files, files.labels, image_size=s.config.image_size,
-                batch_size=s.plan.eval_global_batch_size, gallery_size=0,
-                dataset=s.inputs.source.eval_dataset(
-                    files, image_size=s.config.image_size,
-                    global_batch_size=s.plan.eval_global_batch_size, cache="none",
-                    eval_crop=s.config.eval_crop))
-            logits[split] = (predictions.logits, predictions.labels)
+    logits = {split: (p.logits, p.labels) for split, p in predictions.items()}
     temperature = calibration.fit_temperature(*logits["valid"])
     result = {"temperature": temperature, "fitted_on": "valid", "ece_bins": calibration.ECE_BINS}
     if calibration.all_correct(*logits["valid"]):
@@ -138,18 +138,28 @@ def _calibrate(s, step: int) -> dict | None:
     return result
 
 
-def _restore_best_weights(s) -> int:
-    """The best checkpoint's model weights (and averages) into the model; its step. The run's
-    counters and optimizer stay those of the last step (a restart finishes the same way)."""
+def _restore_best_weights(s, step: int) -> tuple[int, str | None]:
+    """The best checkpoint's model weights (and averages) into the model: (its step, None). The
+    run's counters and optimizer stay those of the last step (a restart finishes the same way).
+    A best checkpoint that cannot be read (no record, files missing or of another model) is one
+    line, and the outputs hold the last step's weights: (step, that line)."""
     best = s.best.summary()
     parts = {"model": s.model}
     if s.weight_average:
         parts["ema"] = s.weight_average.trackable
-    tf.train.Checkpoint(**parts).restore(best["path"]).expect_partial() \
-        .assert_existing_objects_matched()
+    try:
+        if best is None:
+            raise checkpoints.CheckpointMismatch("no best checkpoint recorded")
+        checkpoints.restore_objects(best["path"], **parts)
+    except checkpoints.CheckpointMismatch as e:
+        s.restore_latest()  # the final checkpoint: the last step's weights, whole again
+        problem = f"the best checkpoint could not be restored: {e}"
+        print(f"warning: {problem}; the outputs hold the last step's weights (step {step})",
+              flush=True)
+        return step, problem
     print(f"the outputs hold the best checkpoint's weights: step {best['step']} "
           f"({best['metric']} {best['value']:.4f})", flush=True)
-    return int(best["step"])
+    return int(best["step"]), None
 
 
 def _save_model_file(s) -> str:

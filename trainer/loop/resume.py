@@ -57,6 +57,9 @@ CHANGEABLE = {
     "mixed_precision": "the compute precision changes from this step on (weights stay float32)",
     "class_weight": "the loss weights per class change from this step on",
     "balanced_sampling": "the epochs' order changes from this step on",
+    "early_stopping_start": "valid evaluations count against --early_stopping_patience from "
+                            "the new start (those counted already stay counted; no early stop "
+                            "before it)",
     "eval_crop": "evaluations from here on see other pixels (best-checkpoint comparisons and "
                  "early stopping mix the two policies); the export follows the new one",
 }

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from trainer.loop import inputs as run_inputs
 from trainer.state.run_state import RunState
+from trainer.tools import analysis
 
 
 @dataclasses.dataclass
@@ -58,16 +59,21 @@ class StepRunner:
                           float(input_seconds) if s.steps.time_input else None, metrics,
                           batch_ids.numpy())
 
-    def evaluate(self, split: str) -> dict:
-        """Loss, accuracy, top-5, balanced accuracy, image count and the recall of each class
-        (`per_class_recall`: class name -> recall, None for a class `split` lacks) of `split`
-        with the weights the model holds."""
+    def evaluate(self, split: str) -> tuple[dict, analysis.Predictions]:
+        """One pass over `split` with the weights the model holds: its values (loss, accuracy,
+        top-5, balanced accuracy, image count and the recall of each class, `per_class_recall`:
+        class name -> recall, None for a class `split` lacks) and its predictions (every
+        image's logits and label, and with --eval_figures a gallery of misclassified images),
+        from which the figures and the calibration are made: no other pass."""
         s = self.state
         if split not in self._eval_datasets:
             self._eval_datasets[split] = run_inputs.eval_dataset(s.config, s.plan, s.inputs,
                                                                  s.strategy, split)
         s.eval_metrics.reset()
-        s.steps.eval_loop(self._eval_datasets[split])
+        outputs = s.steps.eval_loop(self._eval_datasets[split], gallery_size=analysis.GALLERY_SIZE
+                                    if s.config.eval_figures else 0)
         values = s.eval_metrics.results()
         values["per_class_recall"] = dict(zip(s.inputs.class_names, values["per_class_recall"]))
-        return values
+        # files=[]: the order of the global batches is the files' only with one input pipeline.
+        return values, analysis.Predictions([], outputs.labels, outputs.logits,
+                                            outputs.gallery_index, outputs.gallery_images)

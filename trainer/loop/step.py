@@ -92,6 +92,17 @@ class Metrics:
         return values
 
 
+@dataclasses.dataclass
+class EvalOutputs:
+    """What one evaluation pass gives besides the metrics: every image of weight > 0 in the
+    order of the global batches (the files' order with one input pipeline; interleaved by
+    pipeline with several workers)."""
+    logits: np.ndarray  # [N, C] float32
+    labels: np.ndarray  # [N] int
+    gallery_index: np.ndarray  # [M] indices into logits of the images in gallery_images
+    gallery_images: np.ndarray  # [M, S, S, 3] uint8, misclassified, the first M in that order
+
+
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0
                   ) -> tf.Tensor:
     """Per-example loss, no reduction. `labels`: class ids [B], or soft targets [B, C] whose rows
@@ -184,13 +195,39 @@ class StepFunctions:
         self._predict = tf.function(self._predict_logits, jit_compile=True) \
             if self._xla else self._predict_logits
         self.train_loop = tf.function(self._train_loop)
-        self._eval_loop_function = tf.function(self._eval_loop)
+        # One compiled evaluation step for every split and pass (traced once per batch shape).
+        self._eval_batch = tf.function(self._eval_batch_step)
+        self._gather_images = tf.function(self._gather_images_step)
 
-    def eval_loop(self, dataset) -> None:
-        """Evaluates every batch of a distributed dataset once. The iterator is made here,
-        outside the graph: iterating the dataset inside tf.function makes TensorFlow call
-        dataset.options() in graph mode, which warns on every trace."""
-        self._eval_loop_function(iter(dataset))
+    def eval_loop(self, dataset, gallery_size: int = 0) -> EvalOutputs:
+        """One pass over a distributed evaluation dataset: the eval metrics are updated on every
+        replica (reduced when read, weight-0 padding not counted), and the float32 logits and
+        the labels of every image of weight > 0 are gathered from every replica and worker
+        (EvalOutputs). With `gallery_size`, also the first `gallery_size` misclassified images.
+        Every worker must call it (the gathers are collective); whether a batch's images are
+        gathered is decided from gathered values, the same on every worker."""
+        logits, labels, index, images = [], [], [], []
+        seen, image_shape = 0, None
+        for batch in dataset:
+            batch_logits, batch_labels, weights = (t.numpy() for t in self._eval_batch(*batch))
+            keep = weights > 0
+            wrong = np.flatnonzero(keep & (batch_logits.argmax(axis=1) != batch_labels))
+            if image_shape is None:
+                image_shape = self.strategy.experimental_local_results(batch[0])[0].shape[1:]
+            if wrong.size and len(index) < gallery_size:
+                pixels = self._gather_images(batch[0]).numpy().astype(np.uint8)
+                position = np.cumsum(keep) - 1  # index among this batch's kept images
+                for i in wrong[:gallery_size - len(index)]:
+                    index.append(seen + int(position[i]))
+                    images.append(pixels[i])
+            logits.append(batch_logits[keep])
+            labels.append(batch_labels[keep])
+            seen += int(keep.sum())
+        return EvalOutputs(
+            np.concatenate(logits) if logits else np.zeros([0, 0], np.float32),
+            np.concatenate(labels).astype(np.int64) if labels else np.zeros([0], np.int64),
+            np.asarray(index, np.int64),
+            np.stack(images) if images else np.zeros([0, *(image_shape or (0, 0, 3))], np.uint8))
 
     # --- replica functions ------------------------------------------------------------------
     def _replica_train_step(self, images, labels, weights, poison=None):
@@ -308,6 +345,7 @@ class StepFunctions:
         logits = self._predict(images)
         per_example = cross_entropy(labels, logits)
         self.eval_metrics.update(labels, logits, per_example, weights)
+        return tf.cast(logits, tf.float32), labels, weights
 
     # --- cross-replica loops ----------------------------------------------------------------
     def _train_loop(self, iterator, num_steps):
@@ -378,6 +416,14 @@ class StepFunctions:
         for variable, mean in zip(state, means):  # cross-replica assign: every local copy
             variable.assign(self.strategy.experimental_local_results(mean)[0])
 
-    def _eval_loop(self, iterator):
-        for batch in iterator:
-            self.strategy.run(self._replica_eval, args=batch)
+    def _gather_images_step(self, images):
+        """A global batch's uint8 images from every replica, as int32 (all-gather takes no
+        uint8)."""
+        wide = self.strategy.run(lambda x: tf.cast(x, tf.int32), args=(images,))
+        return self.strategy.gather(wide, axis=0)
+
+    def _eval_batch_step(self, images, labels, weights):
+        """One global evaluation batch: the replica steps, then their logits, labels and
+        weights concatenated in replica order."""
+        outputs = self.strategy.run(self._replica_eval, args=(images, labels, weights))
+        return tuple(self.strategy.gather(value, axis=0) for value in outputs)

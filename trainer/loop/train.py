@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from data.augment import Augment
 from data.files import atomic_write_text
-from trainer.config import Config, RunPlan, parse_profile_steps
+from trainer.config import Config, RunPlan, epochs_to_steps, parse_profile_steps
 from trainer.loop import actions, distribute, finish, inputs, precision, pretrained, resume
 from trainer.loop.controller import Controller, Preempted
 from trainer.loop.inputs import EXIT_PEER_LOST, Inputs, PeerLost, TrainingError
@@ -157,7 +157,7 @@ def _controller(state: RunState) -> Controller:
                         and not distribute.input_options(state.strategy)
                         .experimental_fetch_to_device)
     freeze_steps = min(plan.total_steps,
-                       int(round(config.freeze_backbone_epochs * plan.steps_per_epoch)))
+                       epochs_to_steps(config.freeze_backbone_epochs, plan.steps_per_epoch))
     extras = [actions.StepLossLog(os.path.join(state.work_dir, "step_losses.tsv")),
               actions.ProfileWindow(parse_profile_steps(config.profile_steps),
                                     os.path.join(config.model_dir, "train")
@@ -177,6 +177,8 @@ def _controller(state: RunState) -> Controller:
         f"{len(state.inputs.class_names)} classes, {plan.num_replicas} replica(s), global batch "
         f"{plan.global_batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), "
         f"peak lr {plan.learning_rate:g}")
+    if config.early_stopping_patience:
+        log(actions.describe_early_stopping(state))
     return Controller(state, runner, reporter,
                       actions.NonFiniteGuard(state, runner, config.on_nan),
                       actions.BackboneFreeze(state, freeze_steps),

@@ -52,6 +52,34 @@ class CheckpointKeeper:
         return self.manager.save(check_interval=False)
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint lacks values for some of the objects asked for; str() is one line, `detail`
+    TensorFlow's own first line."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+def restore_objects(path: str, **objects) -> None:
+    """Restore `objects` (e.g. model=..., ema=...) from the checkpoint at `path`, one rule for
+    all of them: every variable they hold must have a value there, and whatever else the
+    checkpoint holds (optimizer slots, counters, the best-checkpoint record, the save counter
+    that only CheckpointManager saves write) is left unread. `Checkpoint.read`, not `restore`:
+    `restore` adds a save counter to the objects checked, and a best checkpoint written at the
+    run's first evaluation, before the first CheckpointManager save, has none. Raises
+    CheckpointMismatch (values may then be partly assigned)."""
+    try:
+        status = tf.train.Checkpoint(**objects).read(path)
+        status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else type(e).__name__
+        raise CheckpointMismatch(f"checkpoint {path} does not hold every value of the "
+                                 f"{' and '.join(objects)} ({first})", first) from None
+
+
 _SHORT = {"valid/accuracy": "valid acc", "valid/loss": "valid loss",
           "valid/balanced_accuracy": "valid bal acc"}
 
@@ -59,7 +87,7 @@ _SHORT = {"valid/accuracy": "valid acc", "valid/loss": "valid loss",
 class BestCheckpoint:
     """The checkpoint with the best `metric` (--best_metric) so far, kept apart from the latest K
     (which CheckpointManager deletes as training goes on), and the count of evaluations since
-    it (for --early_stopping_patience).
+    it that count (for --early_stopping_patience: those from --early_stopping_start on).
 
     `directory` (model_dir/checkpoints/best) holds `ckpt-<step>.index`, `ckpt-<step>.data-*` and
     `best.json` ({"step", "metric", "value", "valid_accuracy", "checkpoint"}). A new best is
@@ -104,15 +132,18 @@ class BestCheckpoint:
         best = float(self.record.value.numpy())
         return value < best if BEST_METRICS[self.metric] == "min" else value > best
 
-    def update(self, step: int, value: float, valid_accuracy: float | None = None) -> bool:
+    def update(self, step: int, value: float, valid_accuracy: float | None = None,
+               counts: bool = True) -> bool:
         """Save the model as the best one if `value` (of the metric) beats the best so far;
-        True if saved. Otherwise one more evaluation without improvement."""
+        True if saved. Otherwise one more evaluation without improvement, if it `counts`
+        (False before --early_stopping_start)."""
         record = self.record
         if int(record.metric.numpy()) != self.metric_id:  # --best_metric changed on resume
             record.step.assign(-1)
             record.metric.assign(self.metric_id)
         if not self._better(value):
-            record.evaluations_since.assign_add(1)
+            if counts:
+                record.evaluations_since.assign_add(1)
             return False
         record.step.assign(int(step))
         record.value.assign(float(value))

@@ -129,25 +129,24 @@ class SavedRun:
         restored: the optimizer slots and step in the checkpoint are left unread). A run
         trained with --ema_decay gets the averaged weights, as its evaluations and export did."""
         import keras
-        import tensorflow as tf
 
         from models import registry
+        from trainer.state.checkpoints import CheckpointMismatch, restore_objects
         keras.mixed_precision.set_global_policy("float32")
         model = registry.build(self.model_name, len(self.class_names), self.image_size)
         try:
-            status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
-            status.assert_existing_objects_matched()
-        except (AssertionError, ValueError) as e:
+            restore_objects(path, model=model)
+        except CheckpointMismatch as e:
             raise RunError(f"checkpoint {path} does not hold the weights of a "
                            f"{self.model_name} model with {len(self.class_names)} classes "
-                           f"({str(e).splitlines()[0][:200]})") from None
+                           f"({e.detail})") from None
         if float(self.config.get("ema_decay") or 0) > 0:
             from trainer.loop import ema
             try:
                 ema.restore_into(model, path)
-            except (AssertionError, ValueError) as e:
+            except CheckpointMismatch as e:
                 raise RunError(f"checkpoint {path} lacks the averaged weights of a run with "
-                               f"--ema_decay ({str(e).splitlines()[0][:200]})") from None
+                               f"--ema_decay ({e.detail})") from None
         return model
 
 

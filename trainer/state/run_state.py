@@ -101,6 +101,16 @@ def balanced_class_weights(labels, num_classes: int) -> np.ndarray:
     return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
 
 
+def describe_class_weights(weights: np.ndarray, class_names: list[str]) -> str:
+    """The start-up line of --class_weight=balanced: the smallest and the largest weight with
+    their classes, or one phrase when every class weighs the same."""
+    if np.all(weights == weights[0]):
+        return f"class weights (balanced): all {weights[0]:.3g} (the train classes are balanced)"
+    low, high = int(weights.argmin()), int(weights.argmax())
+    return (f"class weights (balanced): {weights[low]:.3g} ({class_names[low]}) to "
+            f"{weights[high]:.3g} ({class_names[high]})")
+
+
 def create(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
            work_dir: str, donor, log) -> RunState:
     """Model, optimizer and counters in the strategy scope (the optimizer built before the
@@ -128,10 +138,7 @@ def create(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         class_weights=balanced_class_weights(inputs.train.labels, len(inputs.class_names))
         if config.class_weight == "balanced" and not inputs.synthetic else None)
     if steps.class_weights is not None:
-        weights = steps.class_weights.numpy()
-        log(f"class weights (balanced): {weights.min():.3g} "
-            f"({inputs.class_names[int(weights.argmin())]}) to {weights.max():.3g} "
-            f"({inputs.class_names[int(weights.argmax())]})")
+        log(describe_class_weights(steps.class_weights.numpy(), inputs.class_names))
     checkpoint_dir = os.path.join(work_dir, run_dir.CHECKPOINT_DIR)
     keeper = checkpoints.CheckpointKeeper(
         checkpoint_dir, model=model, optimizer=optimizer, step=step,

@@ -27,15 +27,16 @@ from data.files import atomic_write_text
 from trainer.report import figures
 
 TOP_K = 5
+GALLERY_SIZE = 24  # misclassified images kept for the gallery figure
 
 
 @dataclasses.dataclass
 class Predictions:
     """Logits for every image of a split, in file order, and a few misclassified images."""
-    files: list[str]
+    files: list[str]  # [] from the trainer's distributed pass (its order: trainer/loop/step.py)
     labels: np.ndarray  # [N] int
     logits: np.ndarray  # [N, C] float32
-    gallery_index: np.ndarray  # [M] indices into files of the images in `gallery_images`
+    gallery_index: np.ndarray  # [M] indices into logits (and files) of `gallery_images`
     gallery_images: np.ndarray  # [M, S, S, 3] uint8, misclassified, first M in file order
 
     @property
@@ -59,19 +60,26 @@ def tta_logits(model, images, tta: str = "none"):
     return tf.math.log((tf.nn.softmax(logits) + tf.nn.softmax(flipped)) / 2.0)
 
 
+def inference_function(model, tta: str = "none"):
+    """A tf.function of `tta_logits`: make it once and pass it to every `predict_split` over
+    the same model, so that it is traced once per batch shape rather than once per call."""
+    return tf.function(lambda images: tta_logits(model, images, tta))
+
+
 def predict_split(model, files, labels, *, image_size: int, batch_size: int,
-                  gallery_size: int = 24, dataset=None, tta: str = "none",
-                  eval_crop: float = 1.0) -> Predictions:
+                  gallery_size: int = GALLERY_SIZE, dataset=None, tta: str = "none",
+                  eval_crop: float = 1.0, infer=None) -> Predictions:
     """Runs `model` (inference mode) once over every file (twice with tta="flip": see
     `tta_logits`); keeps up to `gallery_size` misclassified images for the gallery. `dataset`:
     the split's eval_dataset (e.g. from packed data, data/source.py); default: read `files`
-    with the evaluation pixels of `eval_crop` (data.decode.decode_for_eval)."""
+    with the evaluation pixels of `eval_crop` (data.decode.decode_for_eval). `infer`: an
+    `inference_function(model, tta)` to reuse (default: a new one)."""
     files, labels = list(files), np.asarray(labels, np.int64)
     if dataset is None:
         dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
                                         global_batch_size=batch_size, cache="none",
                                         eval_crop=eval_crop)
-    infer = tf.function(lambda images: tta_logits(model, images, tta))
+    infer = infer or inference_function(model, tta)
     logits, gallery_index, gallery_images = [], [], []
     seen = 0
     for images, batch_labels, weights in dataset:
