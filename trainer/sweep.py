@@ -493,8 +493,12 @@ class Signals:
     def __init__(self):
         self.received: int | None = None
         self.child: subprocess.Popen | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, _frame):
         self.received = signum
@@ -517,7 +521,6 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
-        self._beat()
         self._thread.start()
         return self
 
@@ -585,13 +588,12 @@ def run_trial(ctx: Context, trial, claimed_at: float) -> str:
     print(f"trial {trial.number}: {describe(values)} in {model_dir}"
           + (" (resuming from its checkpoint)" if resuming else ""), flush=True)
     argv = trial_command(ctx.options.trial_args, model_dir, values)
-    with Heartbeat(trial.storage, trial._trial_id, SWEEP.heartbeat_seconds):
-        outcome = watch(ctx, trial, argv, model_dir)
-        attrs = trial.user_attrs
-        trial.set_user_attr("trainer_seconds", attrs.get("trainer_seconds", 0) + outcome.seconds)
-        trial.set_user_attr("sweep_seconds", attrs.get("sweep_seconds", 0)
-                            + time.time() - claimed_at - outcome.seconds)
-        return conclude(ctx, trial, outcome, model_dir)
+    outcome = watch(ctx, trial, argv, model_dir)
+    attrs = trial.user_attrs
+    trial.set_user_attr("trainer_seconds", attrs.get("trainer_seconds", 0) + outcome.seconds)
+    trial.set_user_attr("sweep_seconds", attrs.get("sweep_seconds", 0)
+                        + time.time() - claimed_at - outcome.seconds)
+    return conclude(ctx, trial, outcome, model_dir)
 
 
 def _carry_over_evaluations(study, trial) -> None:
@@ -623,11 +625,14 @@ def watch(ctx: Context, trial, argv: list[str], model_dir: str) -> Outcome:
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                  preexec_fn=_die_with_parent)
         ctx.signals.child = child
+        # The heartbeat thread starts after the fork: a preexec_fn must not run in a copy of
+        # a process whose other threads may hold locks (claim_trial gave a fresh beat).
         try:
-            if ctx.signals.received is not None:  # the signal came during Popen
-                child.send_signal(signal.SIGTERM)
-            for line in follow(tail, child):
-                _read_line(ctx, trial, line, outcome, child)
+            with Heartbeat(trial.storage, trial._trial_id, SWEEP.heartbeat_seconds):
+                if ctx.signals.received is not None:  # the signal came during Popen
+                    child.send_signal(signal.SIGTERM)
+                for line in follow(tail, child):
+                    _read_line(ctx, trial, line, outcome, child)
         except BaseException:
             child.send_signal(signal.SIGTERM)  # a storage error here: do not train on alone
             raise
@@ -755,8 +760,9 @@ def trial_rows(ctx: Context) -> list[dict]:
 
 
 def _cell(value, digits: str = ".4g") -> str:
-    return "" if value is None else format(value, digits) if isinstance(value, float) \
+    text = "" if value is None else format(value, digits) if isinstance(value, float) \
         else str(value)
+    return text.replace("|", "\\|")  # a trainer's error line must not split the row
 
 
 def comparison_table(ctx: Context, rows: list[dict], best: int | None) -> str:
@@ -851,7 +857,7 @@ def run_sweep(ctx: Context) -> int:
     return summarize(ctx)
 
 
-def start(options: Options) -> Context:
+def start(options: Options, signals: Signals) -> Context:
     import optuna
     global _LIBC
     if sys.platform.startswith("linux"):
@@ -866,7 +872,7 @@ def start(options: Options) -> Context:
     print(f"sweep: study {options.study} in {shown}: {len(states)} trials ("
           + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
           + f"); their runs in {options.study_dir}", flush=True)
-    return Context(options, study, Signals(), SWEEP.metric)
+    return Context(options, study, signals, SWEEP.metric)
 
 
 def main(argv: list[str]) -> int:
@@ -881,10 +887,13 @@ def main(argv: list[str]) -> int:
         except ImportError:
             raise StorageError("optuna is not installed: pip install -e '.[sweep]' (./run.sh "
                                "sweep installs it)") from None
+        signals = Signals()  # from here on: a stop while the study opens is an exit 75 too
         try:
-            return run_sweep(start(options))
+            return run_sweep(start(options, signals))
         except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
             raise StorageError(f"the storage failed: {_first_line(e)}") from None
+        finally:
+            signals.close()
     except UsageError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return EXIT_USAGE
