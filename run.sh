@@ -5,6 +5,7 @@
 #   ./run.sh train FLAGS...       python -m trainer.main FLAGS...
 #   ./run.sh test [PYTEST ARGS]   the test suite
 #   ./run.sh tensorboard [LOGDIR] TensorBoard on 127.0.0.1 (default LOGDIR: runs)
+#   ./run.sh sweep FLAGS...       python -m trainer.sweep FLAGS... (Optuna; docs/sweeps.md)
 #   ./run.sh download|check|pack|service|evaluate|export|predict|bench ARGS...
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,7 +19,7 @@ ensure_env() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then tf_extra=gpu; fi
   echo "run.sh: installing into .venv (TensorFlow build: $tf_extra)" >&2
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -e ".[test,$tf_extra]"
+  "$PY" -m pip install -q -e ".[test,sweep,$tf_extra]"
   rm -f .venv/.installed-*
   touch "$stamp"
 }
@@ -41,6 +42,9 @@ case "$cmd" in
     exec "$PY" -m pytest "$@" ;;
   tensorboard)
     exec "$PY" -m trainer.tensorboard "$@" ;;
+  sweep)
+    if printf '%s\n' "$@" | grep -q -- 'configs/demo.cfg'; then ensure_demo_data; fi
+    exec "$PY" -m trainer.sweep "$@" ;;
   download) exec "$PY" -m data.download "$@" ;;
   check) exec "$PY" -m data.check "$@" ;;
   pack) exec "$PY" -m data.pack "$@" ;;
@@ -48,5 +52,5 @@ case "$cmd" in
   evaluate|export|predict) exec "$PY" -m "trainer.$cmd" "$@" ;;
   bench) exec "$PY" -m bench.run "$@" ;;
   demo-data) exec "$PY" -m data.demo --dest=dataset/demo "$@" ;;
-  *) echo "run.sh: unknown command '$cmd' (demo, train, test, tensorboard, download, check, pack, service, evaluate, export, predict, bench)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown command '$cmd' (demo, train, test, tensorboard, sweep, download, check, pack, service, evaluate, export, predict, bench)" >&2; exit 2 ;;
 esac
