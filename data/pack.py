@@ -12,7 +12,7 @@ order. DEST also gets classes.json, the check's report (data_report.txt/.json) a
 manifest.json (the shards with their record positions, sizes and SHA-256): a folder without it is
 never taken for packed data.
 
-Each shard is written under a temporary name and renamed when complete; a re-run skips the
+Each shard is written under a temporary name, fsynced and renamed when complete; a re-run skips the
 shards already finished for the same files and options (`.pack-progress.json`), so a killed
 pack resumes. Exit code 0 when packed, 1 when the data check or the input fails (one line), 2 for
 a usage error.
@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from data import check, layout, source
-from data.files import atomic_write_text
+from data.files import atomic_write_text, fsync_path
 from data.progress import Progress
 
 PROGRESS = ".pack-progress.json"
@@ -99,6 +99,7 @@ def write_shard(path: str, split: layout.SplitFiles, rel_files: list[str],
                         rel_files[position].encode("utf-8", "surrogateescape")]))}
                 writer.write(tf.train.Example(features=tf.train.Features(
                     feature=feature)).SerializeToString())
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
