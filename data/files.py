@@ -7,9 +7,16 @@ allows (0644 and 0755 under umask 022), not the 0600/0700 of `tempfile`'s privat
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+
+DATASET_MARKER = ".complete"  # written last into a dataset built here (publish_staged_dataset)
+
+
+class FolderError(ValueError):
+    """A destination folder holds files its writer did not write; str() is one line."""
 
 
 def current_umask() -> int:
@@ -86,13 +93,61 @@ def staging_dir_for(dest: str, prefix: str) -> str:
     return make_staging_dir(os.path.dirname(os.path.abspath(dest)), prefix)
 
 
+def _relative_files(root: str) -> list[str]:
+    found = []
+    for folder, _, names in os.walk(root):
+        found += [os.path.relpath(os.path.join(folder, n), root) for n in names]
+    return sorted(found)
+
+
+def foreign_files(dest: str) -> list[str]:
+    """Files under `dest` that no publish_staged_dataset wrote: all of them when `dest` has no
+    marker; those its marker does not list otherwise (a marker from before the list, which
+    held only the counts, vouches for the whole tree)."""
+    if not os.path.isdir(dest):
+        return []
+    present = [p for p in _relative_files(dest) if p != DATASET_MARKER]
+    try:
+        with open(os.path.join(dest, DATASET_MARKER)) as f:
+            text = f.read()
+    except OSError:
+        return present
+    try:
+        written = json.loads(text).get("files")
+    except (ValueError, AttributeError):
+        return []  # the old marker: "{'train': N, ...}"
+    return sorted(set(present) - set(written or []))
+
+
+def check_replaceable(dest: str, option: str = "--dest") -> None:
+    """Raise FolderError (one line) unless `dest` is missing, empty, or a dataset published
+    here holding only the files it wrote: a rebuild never deletes anyone else's files."""
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise FolderError(f"{option}={dest}: exists and is not a folder")
+    foreign = foreign_files(dest)
+    if foreign:
+        marker = os.path.exists(os.path.join(dest, DATASET_MARKER))
+        raise FolderError(
+            f"{option}={dest}: holds {len(foreign)} file(s) this builder did not write (e.g. "
+            f"{foreign[0]}){'' if marker else f'; no {DATASET_MARKER} marker'}; nothing was "
+            f"changed: choose another {option} or move those files away")
+
+
 def publish_staged_dataset(staging: str, dest: str, counts: dict[str, int]) -> None:
-    """Mark a dataset built in `staging` complete, fsync it and move it to `dest` (replacing
-    it)."""
-    with open(os.path.join(staging, ".complete"), "w") as f:
-        f.write(f"{counts}\n")
+    """Mark a dataset built in `staging` complete (the marker lists its files), fsync it and
+    move it to `dest`. An existing `dest` is replaced only if check_replaceable allows it: its
+    old files are moved aside first and removed after the swap (they were all written here)."""
+    check_replaceable(dest)
+    marker = {"counts": counts, "files": _relative_files(staging)}
+    with open(os.path.join(staging, DATASET_MARKER), "w") as f:
+        json.dump(marker, f)
     fsync_tree(staging)
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
+    parent = os.path.dirname(os.path.abspath(dest))
+    old = None
+    if os.path.isdir(dest):
+        old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+        os.replace(dest, os.path.join(old, "dataset"))
     os.replace(staging, dest)
-    fsync_path(os.path.dirname(os.path.abspath(dest)))
+    fsync_path(parent)
+    if old:
+        shutil.rmtree(old)

@@ -1,5 +1,5 @@
-"""Faults beyond the process: file modes and fsync. Real TensorFlow, real files, real trainer
-processes (one whole run, shared)."""
+"""Faults beyond the process: foreign files in data.pack/data.demo destinations, file modes and
+fsync. Real TensorFlow, real files, real trainer processes (one whole run, shared)."""
 from __future__ import annotations
 
 import os
@@ -84,6 +84,53 @@ def test_saves_fsync_the_files_and_folder_before_they_are_published(tmp_path, mo
     from data.files import atomic_write_text
     atomic_write_text(str(tmp_path / "a.json"), "{}")
     assert synced[-1] == str(tmp_path) and len(synced) == 2  # the temp file, then the folder
+
+
+# ---- 2. data.pack and data.demo never delete what they did not write -----------------------
+def test_demo_and_pack_never_delete_files_they_did_not_write(small_demo_dir, tmp_path, capsys):
+    from data import demo, pack, source
+    saved = os.umask(0o022)
+    try:
+        dest = tmp_path / "demo"
+        dest.mkdir()
+        (dest / "mine.txt").write_text("keep me\n")
+        assert demo.main([f"--dest={dest}"]) == 1
+        assert capsys.readouterr().err == (
+            f"data.demo: --dest={dest}: holds 1 file(s) this builder did not write (e.g. "
+            f"mine.txt); no .complete marker; nothing was changed: choose another --dest or "
+            f"move those files away\n")
+        assert os.listdir(dest) == ["mine.txt"] and not list(tmp_path.glob(".demo-*"))
+        built = tmp_path / "built"
+        assert demo.main([f"--dest={built}"]) == 0
+        assert stat.S_IMODE(os.stat(built).st_mode) == 0o755
+        assert stat.S_IMODE(os.stat(built / "train" / "one").st_mode) == 0o755
+        assert demo.main([f"--dest={built}", "--seed=1"]) == 0  # its own files: replaced
+        (built / "train" / "one" / "extra.jpg").write_bytes(b"x")
+        assert demo.main([f"--dest={built}"]) == 1
+        assert "holds 1 file(s) this builder did not write (e.g. train/one/extra.jpg)" in \
+            capsys.readouterr().err
+        assert (built / "train" / "one" / "extra.jpg").exists()
+
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        (foreign / "theirs.tfrecord").write_bytes(b"x")
+        with pytest.raises(source.DataError, match="a non-empty folder that data.pack did not "
+                                                   "write"):
+            pack.pack(str(small_demo_dir), str(foreign), shard_mb=0.04, log=lambda m: None)
+        assert os.listdir(foreign) == ["theirs.tfrecord"]
+        packed = tmp_path / "packed"
+        pack.pack(str(small_demo_dir), str(packed), shard_mb=0.04, log=lambda m: None)
+        first = set(os.listdir(packed))
+        (packed / "theirs.tfrecord").write_bytes(b"x")
+        lines = []
+        pack.pack(str(small_demo_dir), str(packed), shard_mb=0.5, log=lines.append)
+        names = set(os.listdir(packed))
+        assert "theirs.tfrecord" in names  # not its own: left, with a line
+        assert not {n for n in first if n.startswith("train-")} & names  # its own old shards
+        assert any("left 1 .tfrecord file(s) that data.pack did not write" in line
+                   for line in lines)
+    finally:
+        os.umask(saved)
 
 
 # ---- 7. file modes -------------------------------------------------------------------------
