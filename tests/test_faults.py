@@ -1,17 +1,21 @@
-"""Faults beyond the process: foreign files in data.pack/data.demo destinations, file modes and
-fsync. Real TensorFlow, real files, real trainer processes (one whole run, shared)."""
+"""Faults beyond the process (docs/reliability.md): damaged checkpoints, foreign files in
+data.pack/data.demo destinations, file modes and fsync. Real TensorFlow, real files, real trainer processes (few: one whole run shared by the
+checkpoint tests, each fault then one or two short starts)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests.conftest import FAST_DEMO_FLAGS, run_trainer
-from trainer.state import checkpoints
+from trainer.loop.actions import StepLossLog
+from trainer.state import checkpoints, recovery
 
 # 30 steps, 10 per epoch on small_demo_dir; saves at steps 5, 15, 25 and 30 (ckpt-1..4; the
 # newest three kept).
@@ -49,6 +53,82 @@ def whole(small_demo_dir, tmp_path_factory) -> Whole:
     return Whole(model_dir, small_demo_dir, result.stdout)
 
 
+def _last_line(result) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def _checkpoint_files(model_dir) -> dict[str, bytes]:
+    folder = model_dir / "checkpoints"
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)
+            if name.startswith("ckpt-")}
+
+
+# ---- 1. damaged checkpoints -----------------------------------------------------------------
+def test_newest_index_missing_is_set_aside_and_the_run_resumes_never_as_new(whole, tmp_path):
+    run = whole.copy(tmp_path / "run")
+    (run / "checkpoints" / "ckpt-4.index").unlink()
+    config, results = (run / "config.json").read_bytes(), (run / "results.json").read_bytes()
+    intact = {n: b for n, b in _checkpoint_files(run).items() if n.startswith(("ckpt-2", "ckpt-3"))}
+
+    seed = run_trainer(*whole.flags(run), "--seed=7", "--noexport_at_end", check=False)
+    assert seed.returncode == 1  # the run is recognised: its seed cannot change unasked
+    assert _last_line(seed).startswith("trainer: --seed=7 but the run in ")
+    aside = run / "checkpoints" / "unreadable-ckpt-4-index-missing"
+    assert (f"checkpoint ckpt-4 does not restore: its index ckpt-4.index is missing; moved aside "
+            f"to {aside} (kept, not deleted)") in seed.stdout
+    assert os.listdir(aside) == ["ckpt-4.data-00000-of-00001"]
+    assert (run / "config.json").read_bytes() == config
+    assert (run / "results.json").read_bytes() == results
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-3")
+
+    resumed = run_trainer(*whole.flags(run), "--noexport_at_end")
+    assert f"resumed from {run / 'checkpoints' / 'ckpt-3'} at step 25" in resumed.stdout
+    assert _sha(resumed.stdout) == whole.sha
+    assert (run / "config.json").read_bytes() == config
+    for name, data in intact.items():  # the new save (ckpt-4, step 30) replaced neither
+        assert (run / "checkpoints" / name).read_bytes() == data, name
+    assert os.listdir(aside) == ["ckpt-4.data-00000-of-00001"]
+
+
+def test_truncated_newest_data_resumes_from_the_one_before_bit_identical(whole, tmp_path):
+    run = whole.copy(tmp_path / "run")
+    data = run / "checkpoints" / "ckpt-4.data-00000-of-00001"
+    half = data.stat().st_size // 2
+    os.truncate(data, half)
+
+    result = run_trainer(*whole.flags(run), "--noexport_at_end")
+    aside = run / "checkpoints" / "unreadable-ckpt-4-data-unreadable"
+    assert ("checkpoint ckpt-4 does not restore: its data do not read: truncated or corrupt "
+            "(IndexError: Read less bytes than requested); moved aside to "
+            f"{aside}") in result.stdout
+    assert (aside / data.name).stat().st_size == half
+    assert f"resumed from {run / 'checkpoints' / 'ckpt-3'} at step 25" in result.stdout
+    # As the uninterrupted run: the same weights and the same losses of the steps trained again.
+    assert _sha(result.stdout) == whole.sha
+    whole_losses = StepLossLog.read(whole.dir / "step_losses.tsv")
+    assert StepLossLog.read(run / "step_losses.tsv") == whole_losses
+
+
+def test_no_checkpoint_that_reads_is_one_line_and_exit_1_with_nothing_moved(whole, tmp_path):
+    run = whole.copy(tmp_path / "run")
+    for number in (2, 3, 4):
+        data = run / "checkpoints" / f"ckpt-{number}.data-00000-of-00001"
+        os.truncate(data, 1000)
+    before = sorted(os.listdir(run / "checkpoints"))
+    config = (run / "config.json").read_bytes()
+    started = time.time()
+    result = run_trainer(*whole.flags(run), check=False)
+    assert result.returncode == 1
+    line = _last_line(result)
+    assert line.startswith(f"trainer: no checkpoint in {run / 'checkpoints'} reads: ckpt-4: its "
+                           f"data do not read"), line
+    assert "ckpt-3: " in line and "ckpt-2: " in line and "Nothing was moved or written" in line
+    assert sorted(os.listdir(run / "checkpoints")) == before
+    assert (run / "config.json").read_bytes() == config
+    assert time.time() - started < 120
+
+
 def _keeper(directory, keep=3):
     step = tf.Variable(0, dtype=tf.int64)
     weights = tf.Variable(tf.zeros([64, 64]))
@@ -57,6 +137,92 @@ def _keeper(directory, keep=3):
     keeper = checkpoints.CheckpointKeeper(str(directory), model=module, optimizer=tf.Module(),
                                           step=step, max_to_keep=keep, every_steps=1)
     return keeper, step, weights
+
+
+def _saved(directory, count=3):
+    keeper, step, weights = _keeper(directory)
+    for n in range(1, count + 1):
+        step.assign(n * 10)
+        weights.assign(tf.fill([64, 64], float(n)))
+        keeper.save(force=True)
+    return keeper
+
+
+def test_an_unreadable_state_file_is_set_aside_and_the_checkpoints_found_on_disk(tmp_path):
+    folder = tmp_path / "checkpoints"
+    _saved(folder)
+    (folder / "checkpoint").write_text("model_checkpoint_path: {{{ not a state file\n")
+    bits = bytearray((folder / "ckpt-3.data-00000-of-00001").read_bytes())
+    bits[len(bits) // 2] ^= 0xFF  # a flipped bit: the CRC check catches it
+    (folder / "ckpt-3.data-00000-of-00001").write_bytes(bits)
+    lines = []
+    assert recovery.resume_point(str(folder), log=lines.append) == str(folder / "ckpt-2")
+    assert lines[0].startswith(f"checkpoints: {folder / 'checkpoint'} (CheckpointManager's "
+                               f"state file) does not parse: moved aside to")
+    assert "Checksum does not match" in lines[1] and "unreadable-ckpt-3-data-unreadable" in lines[1]
+    assert (folder / "unreadable-checkpoint-state" / "checkpoint").exists()
+    assert tf.train.latest_checkpoint(str(folder)) == str(folder / "ckpt-2")
+    # The manager goes on from there and never touches what was moved aside.
+    keeper, step, weights = _keeper(folder, keep=1)
+    keeper.restore(str(folder / "ckpt-2"))
+    assert float(weights[0, 0]) == 2.0
+    for _ in range(3):
+        step.assign_add(10)
+        keeper.save(force=True)
+    assert sorted(os.listdir(folder / "unreadable-ckpt-3-data-unreadable")) == [
+        "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+
+
+def test_leftovers_of_a_first_save_that_never_completed_start_a_new_run(tmp_path):
+    folder = tmp_path / "checkpoints"
+    _saved(folder, count=1)
+    (folder / "checkpoint").unlink()
+    (folder / "ckpt-1.index").unlink()  # killed between the data file and the index
+    lines = []
+    assert recovery.resume_point(str(folder), log=lines.append) is None
+    assert "no checkpoint was ever published" in lines[0]
+    assert os.listdir(folder / "unreadable-ckpt-1-index-missing") == [
+        "ckpt-1.data-00000-of-00001"]
+
+
+def test_an_unreadable_best_checkpoint_and_export_are_set_aside_never_deleted(tmp_path):
+    model_dir = tmp_path / "run"
+    best_dir = model_dir / "checkpoints" / "best"
+    keeper, step, weights = _keeper(model_dir / "checkpoints")
+    best = checkpoints.BestCheckpoint(str(best_dir), keeper.checkpoint)
+    best.update(20, 0.5)
+    data = best_dir / "ckpt-20.data-00000-of-00001"
+    os.truncate(data, 10)
+    lines = []
+    recovery.check_best(str(model_dir), lines.append)
+    aside = best_dir / "unreadable-ckpt-20-data-unreadable"
+    assert lines == [f"best checkpoint ckpt-20 does not restore: its data do not read: truncated "
+                     f"or corrupt (IndexError: Read less bytes than requested); moved aside with "
+                     f"best.json to {aside} (kept, not deleted); the next evaluation that beats "
+                     f"the run's best so far writes a new one"]
+    assert sorted(os.listdir(aside)) == ["best.json", "ckpt-20.data-00000-of-00001",
+                                         "ckpt-20.index"]
+    best.update(30, 0.9)  # a new best: what was moved aside stays
+    assert sorted(os.listdir(aside)) == ["best.json", "ckpt-20.data-00000-of-00001",
+                                         "ckpt-20.index"]
+    (best_dir / "best.json").write_text("{not json")
+    recovery.check_best(str(model_dir), lines.append)
+    assert "best.json does not parse" in lines[-1]
+    assert (best_dir / "unreadable-best-state-unreadable" / "ckpt-30.index").exists()
+
+    module = tf.Module()
+    module.v = tf.Variable(tf.ones([256]))
+    export = model_dir / "export" / "30"
+    tf.saved_model.save(module, str(export))
+    (model_dir / "results.json").write_text(json.dumps({"steps": 30, "export_dir": str(export)}))
+    os.truncate(export / "variables" / "variables.data-00000-of-00001", 5)
+    recovery.check_exports(str(model_dir), lines.append)
+    assert lines[-2].startswith(f"export {export} does not load: its variables: data do not "
+                                f"read")
+    assert lines[-1].startswith(f"{model_dir / 'results.json'} named that export: moved aside")
+    assert os.listdir(model_dir / "export") == ["unreadable-30-data-unreadable"]
+    assert not (model_dir / "results.json").exists()
+    assert [n for n in os.listdir(model_dir) if n.startswith("results.export-unreadable-")]
 
 
 def test_saves_fsync_the_files_and_folder_before_they_are_published(tmp_path, monkeypatch):

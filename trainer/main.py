@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
     from trainer.loop.controller import EXIT_PREEMPTED, Preempted
     from trainer.loop.inputs import EXIT_PEER_LOST, PeerLost, TrainingError
     from trainer.loop.train import run
+    from trainer.state.run_dir import RunError
     try:
         run(config)
     except PeerLost as e:
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
         print(f"trainer: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)
-    except (LayoutError, StrategyError, TrainingError) as e:
+    except (LayoutError, StrategyError, TrainingError, RunError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         return 1
     except Preempted:

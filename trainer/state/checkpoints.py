@@ -11,13 +11,14 @@ import tensorflow as tf
 
 from data.files import atomic_write_text, fsync_path
 from trainer.config import BEST_METRICS
-from trainer.state.run_dir import BEST_STATE_FILE, SavedRun, latest_checkpoint, read_best
+from trainer.state.run_dir import (BEST_STATE_FILE, RunError, SavedRun, latest_checkpoint,
+                                   read_best)
 
 
 def fsync_checkpoint(prefix: str) -> None:
     """fsync a checkpoint's index and data files and their folder: called before the
     `checkpoint` state file (or best.json) names it, so that a power loss cannot leave the
-    newest published checkpoint with missing bytes."""
+    newest published checkpoint with missing bytes (recovery.py handles one that has them)."""
     directory, base = os.path.split(prefix)
     for name in os.listdir(directory):
         if name == base + ".index" or name.startswith(base + ".data-"):
@@ -48,9 +49,18 @@ class CheckpointKeeper:
     def restore_latest(self, directory: str | None = None) -> str | None:
         """Restore the newest checkpoint of `directory` (default: our own). Non-chief workers
         write to a scratch directory but resume from the chief's."""
-        path = latest_checkpoint(directory) if directory else self.manager.latest_checkpoint
+        return self.restore(latest_checkpoint(directory) if directory
+                            else self.manager.latest_checkpoint)
+
+    def restore(self, path: str | None) -> str | None:
+        """Restore checkpoint `path` (None: nothing); a failure is a one-line RunError."""
         if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
+                text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise RunError(f"checkpoint {path} does not restore ({type(e).__name__}: "
+                               f"{text})") from None
         return path
 
     def save(self, force: bool = False) -> str | None:
