@@ -1,21 +1,27 @@
-"""Faults beyond the process (docs/reliability.md): damaged checkpoints, foreign files in
-data.pack/data.demo destinations, file modes and fsync. Real TensorFlow, real files, real trainer processes (few: one whole run shared by the
+"""Faults beyond the process (docs/reliability.md): damaged checkpoints, a second writer, a
+stale lock, model_dir rules, foreign files in data.pack/data.demo destinations, file modes and
+fsync. Real TensorFlow, real files, real trainer processes (few: one whole run shared by the
 checkpoint tests, each fault then one or two short starts)."""
 from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import FAST_DEMO_FLAGS, run_trainer
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
 from trainer.loop.actions import StepLossLog
-from trainer.state import checkpoints, recovery
+from trainer.state import checkpoints, recovery, run_dir, run_lock
 
 # 30 steps, 10 per epoch on small_demo_dir; saves at steps 5, 15, 25 and 30 (ckpt-1..4; the
 # newest three kept).
@@ -91,13 +97,21 @@ def test_newest_index_missing_is_set_aside_and_the_run_resumes_never_as_new(whol
     assert os.listdir(aside) == ["ckpt-4.data-00000-of-00001"]
 
 
-def test_truncated_newest_data_resumes_from_the_one_before_bit_identical(whole, tmp_path):
+def test_truncated_newest_data_resumes_bit_identical_and_a_dead_holders_lock_is_taken_over(
+        whole, tmp_path):
     run = whole.copy(tmp_path / "run")
     data = run / "checkpoints" / "ckpt-4.data-00000-of-00001"
     half = data.stat().st_size // 2
     os.truncate(data, half)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    holder = dict(run_lock.record(), pid=int(dead), pid_start="1", token="killed",
+                  command=["python", "-m", "trainer.main", "(killed)"])
+    (run / run_lock.LOCK_FILE).write_text(json.dumps(holder))
 
     result = run_trainer(*whole.flags(run), "--noexport_at_end")
+    assert f"took over the stale lock of {run}: it was held by pid {dead} " in result.stdout
+    assert f"and pid {dead} is no longer running on this host" in result.stdout
     aside = run / "checkpoints" / "unreadable-ckpt-4-data-unreadable"
     assert ("checkpoint ckpt-4 does not restore: its data do not read: truncated or corrupt "
             "(IndexError: Read less bytes than requested); moved aside to "
@@ -108,6 +122,7 @@ def test_truncated_newest_data_resumes_from_the_one_before_bit_identical(whole, 
     assert _sha(result.stdout) == whole.sha
     whole_losses = StepLossLog.read(whole.dir / "step_losses.tsv")
     assert StepLossLog.read(run / "step_losses.tsv") == whole_losses
+    assert not (run / run_lock.LOCK_FILE).exists()  # released at the end
 
 
 def test_no_checkpoint_that_reads_is_one_line_and_exit_1_with_nothing_moved(whole, tmp_path):
@@ -252,6 +267,117 @@ def test_saves_fsync_the_files_and_folder_before_they_are_published(tmp_path, mo
     assert synced[-1] == str(tmp_path) and len(synced) == 2  # the temp file, then the folder
 
 
+# ---- 2. one writer per run folder ------------------------------------------------------------
+def test_two_trainers_started_two_seconds_apart_one_is_refused_naming_the_other(
+        small_demo_dir, tmp_path):
+    run = tmp_path / "run"
+    flags = (f"--model_dir={run}", f"--data_dir={small_demo_dir}", *FAST_DEMO_FLAGS,
+             "--train_steps=100000", "--distribution_strategy=one_device", "--noeval_figures",
+             "--high_loss_scan=0")
+    started = time.time()
+    first = subprocess.Popen(trainer_command(*flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    second = subprocess.Popen(trainer_command(*flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        while first.poll() is None and second.poll() is None and time.time() - started < 150:
+            time.sleep(0.2)
+        refused, other = (first, second) if first.poll() is not None else (second, first)
+        assert refused.poll() == 1, "neither trainer was refused"
+        assert other.poll() is None
+        elapsed = time.time() - started
+        lines = refused.stderr.read().strip().splitlines()
+        assert lines[-1].startswith(f"trainer: --model_dir={run} is in use by pid {other.pid} on "
+                                    f"host {platform.node()} since "), lines
+        assert "Traceback" not in "\n".join(lines)
+        holder, _ = run_lock.read(str(run / run_lock.LOCK_FILE))
+        assert holder["pid"] == other.pid and "--train_steps=100000" in holder["command"]
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+            process.stderr.close()
+    print(f"refused after {elapsed:.1f} s")
+
+
+def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_or_expired_one(tmp_path):
+    lines = []
+    with run_lock.RunLock(str(tmp_path), lines.append) as held:
+        with pytest.raises(run_lock.LockHeld, match=f"is in use by pid {os.getpid()} on host "):
+            run_lock.RunLock(str(tmp_path)).acquire()
+        with pytest.raises(run_lock.LockHeld):
+            run_lock.check_free(str(tmp_path))
+        before = os.stat(held.path).st_mtime
+        time.sleep(0.05)
+        held.beat()
+        assert os.stat(held.path).st_mtime > before
+        assert stat.S_IMODE(os.stat(held.path).st_mode) == 0o666 & ~_umask()
+    assert not os.path.exists(os.path.join(tmp_path, run_lock.LOCK_FILE))
+    path = tmp_path / run_lock.LOCK_FILE
+    elsewhere = dict(run_lock.record(), host="another-host", pid=1, token="remote")
+    path.write_text(json.dumps(elsewhere))  # heartbeat fresh: alive on its host
+    with pytest.raises(run_lock.LockHeld, match="on host another-host"):
+        run_lock.RunLock(str(tmp_path)).acquire()
+    old = time.time() - run_lock.LEASE_SECONDS - 60
+    os.utime(path, (old, old))  # its heartbeat stopped: taken over
+    lock = run_lock.RunLock(str(tmp_path), lines.append)
+    lock.acquire()
+    assert lines[-1].startswith(f"took over the stale lock of {tmp_path}: it was held by pid 1 "
+                                f"on host another-host")
+    assert re.search(r"and its heartbeat stopped 3[56]\d s ago \(lease 300 s\)$", lines[-1])
+    assert lock.record["took_over_from"]["token"] == "remote"
+    lock.release()
+
+
+LOSE_LOCK = """
+import json, sys
+from trainer.state import run_lock
+lock = run_lock.RunLock(sys.argv[1]); lock.acquire()
+with open(lock.path, "w") as f:
+    json.dump(dict(run_lock.record(), pid=1, token="newer"), f)
+lock.beat()
+print("still running")
+"""
+
+
+def test_a_holder_that_lost_its_lock_stops_at_once(tmp_path):
+    result = subprocess.run([sys.executable, "-c", LOSE_LOCK, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "still running" not in result.stdout
+    assert result.stderr.startswith(f"trainer: lost the lock of {tmp_path}: it is now held by "
+                                    f"pid 1 on host")
+
+
+# ---- 2. model_dir rules ----------------------------------------------------------------------
+def test_a_folder_that_is_not_a_run_is_refused_in_one_line_before_anything_is_written(
+        small_demo_dir, tmp_path):
+    other = tmp_path / "other_project"
+    other.mkdir()
+    (other / "notes.txt").write_text("someone else's\n")
+    result = run_trainer(f"--model_dir={other}", f"--data_dir={small_demo_dir}", *FLAGS,
+                         check=False)
+    assert result.returncode == 1
+    assert result.stderr == (f"trainer: --model_dir={other}: a non-empty folder that is not a "
+                             f"run of this trainer (no .trainer-run or config.json of a run; it "
+                             f"holds notes.txt); nothing was written: give a new or empty "
+                             f"folder, or the model_dir of a run\n")
+    assert os.listdir(other) == ["notes.txt"]
+    # What is a run: empty, marked, a config.json of ours (runs from before the marker), a lock.
+    for name, text in ((None, None), (run_dir.RUN_MARKER, "{}"), (run_lock.LOCK_FILE, "{}"),
+                       (run_dir.CONFIG_FILE, json.dumps({"model": "m", "image_size": 8,
+                                                         "model_dir": "x"}))):
+        folder = tmp_path / f"ok-{name}"
+        folder.mkdir()
+        if name:
+            (folder / name).write_text(text)
+        run_dir.check_run_folder(str(folder))
+    (other / run_dir.CONFIG_FILE).write_text('{"name": "another tool"}')
+    with pytest.raises(run_dir.RunError, match="not a run of this trainer"):
+        run_dir.check_run_folder(str(other))
+
+
 # ---- 2. data.pack and data.demo never delete what they did not write -----------------------
 def test_demo_and_pack_never_delete_files_they_did_not_write(small_demo_dir, tmp_path, capsys):
     from data import demo, pack, source
@@ -308,7 +434,7 @@ def _umask() -> int:
 
 def test_run_files_and_exports_are_readable_as_the_umask_allows(whole):
     for name in ("config.json", "plan.json", "classes.json", "runs.jsonl", "results.json",
-                 "data_report.json", "model.keras",
+                 "data_report.json", "model.keras", run_dir.RUN_MARKER,
                  "checkpoints/best/best.json"):
         assert stat.S_IMODE(os.stat(whole.dir / name).st_mode) == 0o644, name
     export = whole.dir / "export" / "30"

@@ -2,8 +2,9 @@
 
 Order of resume (each step needs the one before):
   1. strategy (logical CPU devices must exist before any op runs)
-  2. the newest checkpoint that reads is the resume point (state/recovery.py: newer ones that
-     do not are moved aside; none that reads is a refusal, never a new run); the run's current
+  2. the chief takes the run folder's lock (state/run_lock.py) before it writes anything; the
+     newest checkpoint that reads is the resume point (state/recovery.py: newer ones that do
+     not are moved aside; none that reads is a refusal, never a new run); the run's current
      config (runs.jsonl, else config.json) compared with this start's: a refused change
      stops here, before anything slow (resume.py)
   3. the --pretrained donor (new runs only), the S3 sync, the class list (classes.json when
@@ -22,10 +23,12 @@ Order of resume (each step needs the one before):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -43,18 +46,25 @@ from trainer.loop.runner import StepRunner
 from trainer.report import figures, summaries
 from trainer.report.console import Reporter, log
 from trainer.report.performance import Speedometer
-from trainer.state import recovery, run_dir, run_state
+from trainer.state import recovery, run_dir, run_lock, run_state
 from trainer.state.run_state import RunState
 
 
 def run(config: Config) -> dict:
     """Train (or resume, or finish) as configured; returns the results written to results.json."""
     run_start = time.time()
-    # --- 1-2. strategy; the resume point; compare with the run's config ----------------------
+    # --- 1-2. strategy; the lock; the resume point; compare with the run's config -------------
     strategy = distribute.make_strategy(config.distribution_strategy, config.cpu_devices,
                                         config.collective_timeout)
     chief = distribute.is_chief(strategy)
-    return _run(config, strategy, chief, run_start)
+    with _writer_lock(config, chief):
+        return _run(config, strategy, chief, run_start)
+
+
+def _writer_lock(config: Config, chief: bool):
+    """The run folder's lock (state/run_lock.py), taken before anything is written into it and
+    held until the end; by the chief only (other workers write into scratch folders)."""
+    return run_lock.RunLock(config.model_dir, log) if chief else contextlib.nullcontext()
 
 
 def _resume_point(config: Config, chief: bool) -> str | None:
@@ -73,6 +83,8 @@ def _resume_point(config: Config, chief: bool) -> str | None:
 
 
 def _run(config: Config, strategy, chief: bool, run_start: float) -> dict:
+    if chief:
+        run_dir.mark_run(config.model_dir, [os.path.basename(sys.executable)] + sys.argv)
     checkpoint = _resume_point(config, chief)
     saved = run_dir.current_config(config.model_dir) if checkpoint else None
     accepted = _accepted_changes(config, saved)
