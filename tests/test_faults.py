@@ -229,7 +229,9 @@ def test_an_unreadable_best_checkpoint_and_export_are_set_aside_never_deleted(tm
     module.v = tf.Variable(tf.ones([256]))
     export = model_dir / "export" / "30"
     tf.saved_model.save(module, str(export))
-    (model_dir / "results.json").write_text(json.dumps({"steps": 30, "export_dir": str(export)}))
+    # The path results.json holds is where the run was when it finished (since moved).
+    (model_dir / "results.json").write_text(json.dumps({"steps": 30,
+                                                        "export_dir": "/elsewhere/export/30"}))
     os.truncate(export / "variables" / "variables.data-00000-of-00001", 5)
     recovery.check_exports(str(model_dir), lines.append)
     assert lines[-2].startswith(f"export {export} does not load: its variables: data do not "

@@ -210,18 +210,19 @@ def check_exports(model_dir: str, log=print) -> None:
         target = move_aside(root, [version], f"{version}-{problem[0]}")
         log(f"export {folder} does not load: {problem[1].replace('its ', 'its variables: ', 1)}"
             f"; moved aside to {target} (kept, not deleted)")
-        _unfinish(model_dir, folder, log)
+        _unfinish(model_dir, version, log)
 
 
-def _unfinish(model_dir: str, export_dir: str, log) -> None:
-    """Move results.json aside if it names `export_dir`: the run then finishes again."""
+def _unfinish(model_dir: str, version: str, log) -> None:
+    """Move results.json aside if it names export `version` (by its folder name: the path it
+    holds is absolute, and the run folder may have moved since): the run finishes again."""
     path = os.path.join(model_dir, RESULTS_FILE)
     try:
         with open(path) as f:
-            named = os.path.abspath(json.load(f).get("export_dir") or "")
+            named = os.path.basename(os.path.normpath(json.load(f).get("export_dir") or "."))
     except (OSError, ValueError, AttributeError):
         return
-    if named != os.path.abspath(export_dir):
+    if named != version:
         return
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     target = os.path.join(model_dir, f"results.export-unreadable-{stamp}.json")
