@@ -366,8 +366,10 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line_before_anything_is_wr
                              f"holds notes.txt); nothing was written: give a new or empty "
                              f"folder, or the model_dir of a run\n")
     assert os.listdir(other) == ["notes.txt"]
-    # What is a run: empty, marked, a config.json of ours (runs from before the marker), a lock.
+    # What is a run: empty, marked, a config.json of ours (runs from before the marker), a lock,
+    # a trial folder that trainer.sweep made for its log.
     for name, text in ((None, None), (run_dir.RUN_MARKER, "{}"), (run_lock.LOCK_FILE, "{}"),
+                       ("sweep.log", "trial 0: ...\n"),
                        (run_dir.CONFIG_FILE, json.dumps({"model": "m", "image_size": 8,
                                                          "model_dir": "x"}))):
         folder = tmp_path / f"ok-{name}"

@@ -42,6 +42,9 @@ BEST_STATE_FILE = "best.json"
 
 RUN_MARKER = ".trainer-run"
 LOCK_PREFIX = ".lock"  # the lock and its temporary names (state/run_lock.py)
+# Written into a new run folder by this project's launchers before the trainer starts:
+# trainer.sweep (on main) sends each trial's output to STUDY_DIR/trial-NNN/sweep.log.
+LAUNCHER_FILES = ("sweep.log",)
 
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -253,7 +256,8 @@ def _is_our_config(path: str) -> bool:
 def check_run_folder(model_dir: str) -> None:
     """Raise RunError (one line) unless `model_dir` is missing, empty, or a run of this trainer
     (its marker, or a config.json of ours from a run started before the marker). A folder that
-    holds only a lock is a run whose first start died before writing anything else."""
+    holds only a lock is a run whose first start died before writing anything else; one that
+    holds only a launcher's log (LAUNCHER_FILES) is about to become a run."""
     if not os.path.exists(model_dir):
         return
     if not os.path.isdir(model_dir):
@@ -261,7 +265,7 @@ def check_run_folder(model_dir: str) -> None:
     entries = sorted(os.listdir(model_dir))
     if not entries or os.path.exists(os.path.join(model_dir, RUN_MARKER)) or \
             _is_our_config(os.path.join(model_dir, CONFIG_FILE)) or \
-            all(e.startswith(LOCK_PREFIX) for e in entries):
+            all(e.startswith(LOCK_PREFIX) or e in LAUNCHER_FILES for e in entries):
         return
     more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
     raise RunError(f"--model_dir={model_dir}: a non-empty folder that is not a run of this "
