@@ -12,9 +12,11 @@ order. DEST also gets classes.json, the check's report (data_report.txt/.json) a
 manifest.json (the shards with their record positions, sizes and SHA-256): a folder without it is
 never taken for packed data.
 
-Each shard is written under a temporary name and renamed when complete; a re-run skips the
-shards already finished for the same files and options (`.pack-progress.json`), so a killed
-pack resumes. Exit code 0 when packed, 1 when the data check or the input fails (one line), 2 for
+Each shard is written under a temporary name, fsynced and renamed when complete; a re-run skips
+the shards already finished for the same files and options (`.pack-progress.json`), so a killed
+pack resumes. DEST must be new, empty or a folder data.pack wrote (one line otherwise, nothing
+changed); shards of an earlier plan are deleted only when data.pack wrote them (named by its
+manifest or progress file): another program's .tfrecord files are left, with a warning line. Exit code 0 when packed, 1 when the data check or the input fails (one line), 2 for
 a usage error.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import numpy as np
 
 from data import check, layout, source
-from data.files import atomic_write_text
+from data.files import atomic_write_text, fsync_path
 from data.progress import Progress
 
 PROGRESS = ".pack-progress.json"
@@ -99,6 +101,7 @@ def write_shard(path: str, split: layout.SplitFiles, rel_files: list[str],
                         rel_files[position].encode("utf-8", "surrogateescape")]))}
                 writer.write(tf.train.Example(features=tf.train.Features(
                     feature=feature)).SerializeToString())
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -146,14 +149,12 @@ def pack(data_dir: str, dest: str, *, max_side: int = 0, shard_mb: float = 100.0
          skip_unknown_classes: bool = False, on_bad_file: str = "skip", log=print) -> dict:
     """Check `data_dir` and pack what passed into `dest`; returns the manifest. Raises
     source.DataError (one line) when the check finds errors or `dest` is unusable."""
-    if os.path.abspath(dest) == os.path.abspath(data_dir):
-        raise source.DataError(f"--dest={dest}: must not be the --data_dir itself")
-    if os.path.exists(dest) and not os.path.isdir(dest):
-        raise source.DataError(f"--dest={dest}: exists and is not a folder")
+    _check_dest(dest, data_dir)
     scanned = check.scan(data_dir, skip_unknown_classes=skip_unknown_classes,
                          on_bad_file=on_bad_file, cache_path=check.default_cache_path(data_dir),
                          log=log)
     os.makedirs(dest, exist_ok=True)
+    earlier = _manifest_shards(dest)
     if os.path.exists(os.path.join(dest, source.MANIFEST)):  # not "complete" while it changes
         os.remove(os.path.join(dest, source.MANIFEST))
     report_path = scanned.report.write(dest)
@@ -169,13 +170,54 @@ def pack(data_dir: str, dest: str, *, max_side: int = 0, shard_mb: float = 100.0
         manifest["splits"][name] = pack_split(data_dir, dest, split, max_side=max_side,
                                               shard_mb=shard_mb, progress=progress, log=log)
     wanted = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
-    for name in os.listdir(dest):  # shards of an earlier plan (other files or options)
-        if name.endswith(".tfrecord") and name not in wanted:
-            os.remove(os.path.join(dest, name))
+    _remove_earlier_shards(dest, wanted, earlier, progress, log)
     atomic_write_text(os.path.join(dest, "classes.json"), json.dumps(scanned.class_names,
                                                                      indent=1))
     atomic_write_text(os.path.join(dest, source.MANIFEST), json.dumps(manifest))
     return manifest
+
+
+def _check_dest(dest: str, data_dir: str) -> None:
+    """--dest is new, empty, or a folder data.pack wrote (it holds manifest.json or the progress
+    file): a pack never writes into, or deletes from, another program's folder."""
+    if os.path.abspath(dest) == os.path.abspath(data_dir):
+        raise source.DataError(f"--dest={dest}: must not be the --data_dir itself")
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise source.DataError(f"--dest={dest}: exists and is not a folder")
+    if os.path.isdir(dest) and os.listdir(dest) and not any(
+            os.path.exists(os.path.join(dest, name)) for name in (source.MANIFEST, PROGRESS)):
+        raise source.DataError(f"--dest={dest}: a non-empty folder that data.pack did not write "
+                               f"(no {source.MANIFEST} or {PROGRESS}); nothing was changed: "
+                               f"give a new or empty folder")
+
+
+def _manifest_shards(dest: str) -> set[str]:
+    """The shard names of the manifest an earlier pack wrote into `dest` (none if unreadable)."""
+    try:
+        with open(os.path.join(dest, source.MANIFEST)) as f:
+            splits = json.load(f).get("splits", {})
+        return {s["file"] for split in splits.values() for s in split["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _remove_earlier_shards(dest: str, wanted: set[str], earlier: set[str], progress: dict,
+                           log) -> None:
+    """Delete the shards of an earlier plan (other files or options) that data.pack wrote (named
+    by the earlier manifest or the progress file); any other .tfrecord is left, with a line."""
+    ours, kept = earlier | set(progress), []
+    for name in sorted(os.listdir(dest)):
+        if not name.endswith(".tfrecord") or name in wanted:
+            continue
+        if name in ours:
+            os.remove(os.path.join(dest, name))
+            progress.pop(name, None)
+        else:
+            kept.append(name)
+    atomic_write_text(os.path.join(dest, PROGRESS), json.dumps(progress))
+    if kept:
+        log(f"warning: left {len(kept)} .tfrecord file(s) that data.pack did not write in "
+            f"{dest} (e.g. {kept[0]}); the manifest does not name them")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,6 +131,12 @@ RULES = [
     (["--model_dir={root}/a_file"], "flag --model_dir={root}/a_file: exists and is not a folder"),
     (["--model_dir={root}/a_file/run"], "cannot be created: {root}/a_file is a file"),
     (["--model_dir="], "flag --model_dir=: must not be empty"),
+    (["--model_dir={root}/runs/run?"], "flag --model_dir={root}/runs/run?: must not contain the "
+                                       "glob characters ?: TensorFlow deletes old checkpoints by "
+                                       "glob pattern"),
+    (["--model_dir={root}/runs/lr[1]"], "must not contain the glob characters []"),
+    (["--model_dir=gs://bucket/runs/a"], "flag --model_dir=gs://bucket/runs/a: must be a local "
+                                         "folder, not a URL"),
     (["--flagfile={root}/missing.cfg"], "Unable to open flagfile: [Errno 2] No such file or "
                                         "directory: '{root}/missing.cfg'"),
     (["--flagfile={root}"], "Unable to open flagfile: [Errno 21] Is a directory: '{root}'"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 
 from absl import flags
@@ -27,7 +28,9 @@ flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root holding train/, valid
                     "with one folder per class, or a packed folder written by `python -m "
                     "data.pack` (TFRecord shards and manifest.json); local or s3://BUCKET/PREFIX.")
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, "
-                    "results.json. Starting again with the same model_dir resumes.")
+                    "results.json. Starting again with the same model_dir resumes. A local "
+                    "path without glob characters (*?[]); a new or empty folder, or a run's; "
+                    "one process writes it at a time (model_dir/.lock).")
 flags.DEFINE_integer("image_size", _D.image_size, "Images are decoded and resized to image_size^2.",
                      lower_bound=8)
 flags.DEFINE_enum("cache_images", _D.cache_images, ["auto", "memory", "disk", "none"],
@@ -316,6 +319,17 @@ def _model_dir_can_be_written(value) -> bool:
         return True
     if not value.strip():
         raise flags.ValidationError("must not be empty")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise flags.ValidationError(
+            "must be a local folder, not a URL: TensorFlow would write the checkpoints and "
+            "events to the URL and the trainer its own files to a local folder of that name "
+            "(mount the bucket, e.g. with gcsfuse or s3fs, and give the mount's path)")
+    glob = "".join(sorted(set(value) & set("*?[]")))
+    if glob:
+        raise flags.ValidationError(
+            f"must not contain the glob characters {glob}: TensorFlow deletes old "
+            f"checkpoints by glob pattern, so a sibling run's could match and go, or none of "
+            f"this run's ever be cleaned up")
     path = os.path.abspath(value)
     if os.path.exists(path) and not os.path.isdir(path):
         raise flags.ValidationError("exists and is not a folder")

@@ -17,6 +17,15 @@ def main(argv: list[str]) -> int:
     if not trainer_flags.flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # absl INFO lines from TF's checkpoint saver
     config = trainer_flags.config_from_flags()
+    from trainer.state.run_dir import RunError, check_run_folder
+    from trainer.state.run_lock import check_free
+    try:  # before TensorFlow loads: answered at once
+        check_run_folder(config.model_dir)
+        if config.distribution_strategy != "multi_worker_mirrored":  # there: the chief's lock
+            check_free(config.model_dir)
+    except RunError as e:
+        print(f"trainer: {e}", file=sys.stderr)
+        return 1
     # TensorFlow loads only now, so that flag errors above answer at once; without the C++
     # runtime's import-time lines on stderr, so that a user error is one line there.
     from trainer.tools.tool_flags import import_tensorflow
@@ -34,7 +43,7 @@ def main(argv: list[str]) -> int:
         print(f"trainer: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)
-    except (LayoutError, StrategyError, TrainingError) as e:
+    except (LayoutError, StrategyError, TrainingError, RunError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         return 1
     except Preempted:

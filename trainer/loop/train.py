@@ -2,8 +2,11 @@
 
 Order of resume (each step needs the one before):
   1. strategy (logical CPU devices must exist before any op runs)
-  2. the run's current config (runs.jsonl, else config.json) compared with this start's: a
-     refused change stops here, before anything slow (resume.py)
+  2. the chief takes the run folder's lock (state/run_lock.py) before it writes anything; the
+     newest checkpoint that reads is the resume point (state/recovery.py: newer ones that do
+     not are moved aside; none that reads is a refusal, never a new run); the run's current
+     config (runs.jsonl, else config.json) compared with this start's: a refused change
+     stops here, before anything slow (resume.py)
   3. the --pretrained donor (new runs only), the S3 sync, the class list (classes.json when
      present) and the data check
   4. the plan: the saved plan.json continued (an accepted schedule change folded in), or a new
@@ -20,10 +23,12 @@ Order of resume (each step needs the one before):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -41,19 +46,46 @@ from trainer.loop.runner import StepRunner
 from trainer.report import figures, summaries
 from trainer.report.console import Reporter, log
 from trainer.report.performance import Speedometer
-from trainer.state import run_dir, run_state
+from trainer.state import recovery, run_dir, run_lock, run_state
 from trainer.state.run_state import RunState
 
 
 def run(config: Config) -> dict:
     """Train (or resume, or finish) as configured; returns the results written to results.json."""
     run_start = time.time()
-    # --- 1-2. strategy; compare with the run's config ------------------------------------------
+    # --- 1-2. strategy; the lock; the resume point; compare with the run's config -------------
     strategy = distribute.make_strategy(config.distribution_strategy, config.cpu_devices,
                                         config.collective_timeout)
     chief = distribute.is_chief(strategy)
-    checkpoint = run_dir.latest_checkpoint(os.path.join(config.model_dir,
-                                                        run_dir.CHECKPOINT_DIR))
+    with _writer_lock(config, chief):
+        return _run(config, strategy, chief, run_start)
+
+
+def _writer_lock(config: Config, chief: bool):
+    """The run folder's lock (state/run_lock.py), taken before anything is written into it and
+    held until the end; by the chief only (other workers write into scratch folders)."""
+    return run_lock.RunLock(config.model_dir, log) if chief else contextlib.nullcontext()
+
+
+def _resume_point(config: Config, chief: bool) -> str | None:
+    """The newest checkpoint that reads (state/recovery.py): newer ones that do not are moved
+    aside by the chief, one line each; if none reads, one line and exit 1, never a new run.
+    The chief checks the best checkpoint and the exports the same way."""
+    try:
+        checkpoint = recovery.resume_point(
+            os.path.join(config.model_dir, run_dir.CHECKPOINT_DIR), move=chief, log=log)
+    except recovery.NoReadableCheckpoint as e:
+        raise TrainingError(str(e)) from None
+    if chief:
+        recovery.check_best(config.model_dir, log)
+        recovery.check_exports(config.model_dir, log)
+    return checkpoint
+
+
+def _run(config: Config, strategy, chief: bool, run_start: float) -> dict:
+    if chief:
+        run_dir.mark_run(config.model_dir, [os.path.basename(sys.executable)] + sys.argv)
+    checkpoint = _resume_point(config, chief)
     saved = run_dir.current_config(config.model_dir) if checkpoint else None
     accepted = _accepted_changes(config, saved)
     # --- 3. donor, data ----------------------------------------------------------------------
@@ -67,7 +99,7 @@ def run(config: Config) -> dict:
     plan, batch_factor = _plan(config, strategy, data, checkpoint, accepted)
     inputs.check_plan(config, plan)
     plan = _choose_cache(config, plan, data, strategy, checkpoint)
-    start = Start(source_config, saved, accepted, batch_factor, donor, run_start)
+    start = Start(source_config, saved, accepted, batch_factor, donor, run_start, checkpoint)
     # Every worker saves (collective ops), but only the chief's files are kept.
     work_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="worker-")
     try:
@@ -88,6 +120,7 @@ class Start:
     batch_factor: float  # old / new global batch after an accepted batch change, else 1
     donor: object  # the --pretrained donor of a new run, or None
     time: float
+    checkpoint: str | None = None  # the newest checkpoint that reads (None: a new run)
 
 
 def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, work_dir: str,
@@ -98,7 +131,7 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
         tf.config.experimental.enable_op_determinism()
     config = precision.apply_global_policy(config, log)  # --mixed_precision=auto resolved
     state = run_state.create(config, plan, data, strategy, chief, work_dir, start.donor, log)
-    restored = state.restore_latest()
+    restored = state.keeper.restore(start.checkpoint)
     if restored and start.batch_factor != 1:
         _rebatch_counters(state, start.batch_factor)
     start_step = state.current_step

@@ -9,16 +9,30 @@ import os
 
 import tensorflow as tf
 
-from data.files import atomic_write_text
+from data.files import atomic_write_text, fsync_path
 from trainer.config import BEST_METRICS
-from trainer.state.run_dir import BEST_STATE_FILE, SavedRun, latest_checkpoint, read_best
+from trainer.state.run_dir import (BEST_STATE_FILE, RunError, SavedRun, latest_checkpoint,
+                                   read_best)
+
+
+def fsync_checkpoint(prefix: str) -> None:
+    """fsync a checkpoint's index and data files and their folder: called before the
+    `checkpoint` state file (or best.json) names it, so that a power loss cannot leave the
+    newest published checkpoint with missing bytes (recovery.py handles one that has them)."""
+    directory, base = os.path.split(prefix)
+    for name in os.listdir(directory):
+        if name == base + ".index" or name.startswith(base + ".data-"):
+            fsync_path(os.path.join(directory, name))
+    fsync_path(directory)
 
 
 class CheckpointKeeper:
     """tf.train.CheckpointManager over model_dir/checkpoints.
 
-    The CheckpointManager writes the checkpoint files first and the `checkpoint` index last
-    (atomically), so a kill during a save leaves the previous checkpoint the latest one.
+    The CheckpointManager writes the checkpoint files first and the `checkpoint` state file
+    last (atomically), so a kill during a save leaves the previous checkpoint the latest one;
+    the files are fsynced before the state file names them (a write callback, which
+    CheckpointManager runs before its own that records the state).
     """
 
     def __init__(self, directory: str, *, model, optimizer, step: tf.Variable,
@@ -35,21 +49,34 @@ class CheckpointKeeper:
     def restore_latest(self, directory: str | None = None) -> str | None:
         """Restore the newest checkpoint of `directory` (default: our own). Non-chief workers
         write to a scratch directory but resume from the chief's."""
-        path = latest_checkpoint(directory) if directory else self.manager.latest_checkpoint
+        return self.restore(latest_checkpoint(directory) if directory
+                            else self.manager.latest_checkpoint)
+
+    def restore(self, path: str | None) -> str | None:
+        """Restore checkpoint `path` (None: nothing); a failure is a one-line RunError."""
         if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (AssertionError, ValueError, IndexError, tf.errors.OpError) as e:
+                text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise RunError(f"checkpoint {path} does not restore ({type(e).__name__}: "
+                               f"{text})") from None
         return path
 
     def save(self, force: bool = False) -> str | None:
         """Saves when `every_steps` have passed since the last save, or always with force."""
-        return self.manager.save(check_interval=not force)
+        return self.manager.save(check_interval=not force, options=_FSYNC_FIRST)
 
     def save_at_end(self, step: int) -> str:
         """The final checkpoint, unless the latest one already holds this step."""
         latest = self.manager.latest_checkpoint
         if latest and SavedRun.checkpoint_step(latest) == step:
             return latest
-        return self.manager.save(check_interval=False)
+        return self.manager.save(check_interval=False, options=_FSYNC_FIRST)
+
+
+# CheckpointManager.save copies the options and appends its own callback (the state file).
+_FSYNC_FIRST = tf.train.CheckpointOptions(experimental_write_callbacks=[fsync_checkpoint])
 
 
 class CheckpointMismatch(ValueError):
@@ -150,7 +177,7 @@ class BestCheckpoint:
         record.evaluations_since.assign(0)
         os.makedirs(self.directory, exist_ok=True)
         name = f"ckpt-{int(step)}"
-        self.checkpoint.write(os.path.join(self.directory, name))
+        fsync_checkpoint(self.checkpoint.write(os.path.join(self.directory, name)))
         saved = {"step": int(step), "metric": self.metric, "value": float(value),
                  "valid_accuracy": float(value if valid_accuracy is None else valid_accuracy),
                  "checkpoint": name}

@@ -9,6 +9,9 @@ the tools alike. No TensorFlow at import, so that a wrong --model_dir is answere
     classes.json    class names in label order
     checkpoints/    CheckpointManager's checkpoints; checkpoints/best/ the best one (best.json)
     results.json, model.keras, export/<step>/   the finished run's outputs
+    .trainer-run    written first by a new run's first start: the folder is a run of this
+                    trainer (check_run_folder refuses a non-empty folder that is not)
+    .lock           the lock of the process writing the run (state/run_lock.py)
 
 `SavedRun.load(model_dir)` reads config, classes and plan; `checkpoint_path` resolves
 latest|best|PATH and `restore_model` builds the run's model and restores only its weights.
@@ -36,6 +39,12 @@ EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = os.path.join(CHECKPOINT_DIR, "best")
 BEST_STATE_FILE = "best.json"
+
+RUN_MARKER = ".trainer-run"
+LOCK_PREFIX = ".lock"  # the lock and its temporary names (state/run_lock.py)
+# Written into a new run folder by this project's launchers before the trainer starts:
+# trainer.sweep (on main) sends each trial's output to STUDY_DIR/trial-NNN/sweep.log.
+LAUNCHER_FILES = ("sweep.log",)
 
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -232,3 +241,40 @@ class RunsLog:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_our_config(path: str) -> bool:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "image_size", "model_dir"} <= set(config)
+
+
+def check_run_folder(model_dir: str) -> None:
+    """Raise RunError (one line) unless `model_dir` is missing, empty, or a run of this trainer
+    (its marker, or a config.json of ours from a run started before the marker). A folder that
+    holds only a lock is a run whose first start died before writing anything else; one that
+    holds only a launcher's log (LAUNCHER_FILES) is about to become a run."""
+    if not os.path.exists(model_dir):
+        return
+    if not os.path.isdir(model_dir):
+        raise RunError(f"--model_dir={model_dir}: exists and is not a folder")
+    entries = sorted(os.listdir(model_dir))
+    if not entries or os.path.exists(os.path.join(model_dir, RUN_MARKER)) or \
+            _is_our_config(os.path.join(model_dir, CONFIG_FILE)) or \
+            all(e.startswith(LOCK_PREFIX) or e in LAUNCHER_FILES for e in entries):
+        return
+    more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+    raise RunError(f"--model_dir={model_dir}: a non-empty folder that is not a run of this "
+                   f"trainer (no {RUN_MARKER} or {CONFIG_FILE} of a run; it holds "
+                   f"{entries[0]}{more}); nothing was written: give a new or empty folder, or "
+                   f"the model_dir of a run")
+
+
+def mark_run(model_dir: str, command: list[str]) -> None:
+    """Write the run marker if it is missing (the first thing a run writes after its lock)."""
+    path = os.path.join(model_dir, RUN_MARKER)
+    if not os.path.exists(path):
+        write_json(path, {"created": _now(), "host": platform.node(), "command": command})

@@ -30,7 +30,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from data import decode
+from data import decode, files
 from models import registry
 
 SIGNATURE = "serving_default"
@@ -116,16 +116,17 @@ def _staged_version(export_root: str, version: int, overwrite: bool):
     """Yields (staging, final): the caller writes the export into `staging`, a hidden folder
     beside `final` = export_root/<version>; on success it is renamed into place (with
     `overwrite`, the old version is moved aside first and removed after the swap), on any
-    failure removed, so a half-written export never appears under a version number."""
+    failure removed, so a half-written export never appears under a version number. Every file
+    and folder of it is fsynced before the rename; its modes are those the umask allows."""
     version = int(version)
     final = os.path.join(export_root, str(version))
     if os.path.exists(final) and not overwrite:
         raise ExportError(f"{final} already exists (versions are never overwritten; pass "
                           f"--overwrite or another --version)")
-    os.makedirs(export_root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_root)
+    staging = files.make_staging_dir(export_root, f".tmp-{version}-")  # 0755 under umask 022
     try:
         yield staging, final
+        files.fsync_tree(staging)
         if os.path.exists(final):
             old = tempfile.mkdtemp(prefix=f".old-{version}-", dir=export_root)
             os.replace(final, os.path.join(old, "export"))
@@ -133,6 +134,7 @@ def _staged_version(export_root: str, version: int, overwrite: bool):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, final)
+        files.fsync_path(export_root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
