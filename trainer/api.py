@@ -10,7 +10,7 @@
 `make_config` validates with the command line's own rules (trainer/flags.py: the flags are the
 command-line front of the same Config, not a second implementation), and raises ConfigError
 with the same one-line message instead of exiting. `train` raises the trainer's one-line errors
-(TrainingError, LayoutError, ...) and Preempted after a stop signal (the checkpoint is saved:
+(TrainingError, LayoutError, RunError, ...) and Preempted after a stop signal (the checkpoint is saved:
 call it again to resume). In a notebook the loop's progress is a progress bar (tqdm.auto).
 """
 from __future__ import annotations
@@ -47,6 +47,8 @@ def make_config(flagfile: str | None = None, **flags) -> Config:
 
 def train(config: Config) -> dict:
     """Train (or resume, or finish) the run of `config`; returns its results.json dict."""
+    from trainer.state.run_dir import check_run_folder
+    check_run_folder(config.model_dir)  # a folder of another project: RunError, nothing written
     from trainer.tools.tool_flags import import_tensorflow
     import_tensorflow()
     from trainer.loop.train import run
