@@ -58,15 +58,21 @@ def worker(row: str, args) -> dict:
                                 cache_dir=args.cache_dir)
     if args.service:
         dataset = service.distribute(dataset, args.service)
+    return dict(time_batches(dataset, args.warmup_steps, start), peak_rss_mb=_peak_rss_mb())
+
+
+def time_batches(dataset, warmup_batches: int, start: float) -> dict:
+    """Steady images/sec over `dataset`'s batches after the first `warmup_batches`, and the
+    seconds from `start` to the end of the warm-up."""
     iterator = iter(dataset)
-    for _ in range(args.warmup_steps):
+    for _ in range(warmup_batches):
         next(iterator)
     warmup = time.perf_counter() - start
     start, count = time.perf_counter(), 0
     for images, _, _ in iterator:
         count += int(images.shape[0])
     return {"images_per_second": count / (time.perf_counter() - start),
-            "warmup_seconds": warmup, "peak_rss_mb": _peak_rss_mb()}
+            "warmup_seconds": warmup}
 
 
 def _folder_split(data_dir: str):

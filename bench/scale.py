@@ -56,7 +56,7 @@ import tempfile
 import threading
 import time
 
-from bench import OneLineErrorParser
+from bench import OneLineErrorParser, input_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ROOT = "/work/scale"
@@ -179,15 +179,7 @@ def worker_input(args) -> dict:
                                     cache=args.cache, cache_dir=args.cache_dir)
     except ValueError as error:  # a cache mode the data layer does not have
         return {"not_available": str(error)}
-    iterator = iter(dataset)
-    for _ in range(args.input_warmup):
-        next(iterator)
-    warmup = time.perf_counter() - start
-    start, count = time.perf_counter(), 0
-    for images, _, _ in iterator:
-        count += int(images.shape[0])
-    return {"images_per_second": count / (time.perf_counter() - start),
-            "warmup_seconds": warmup}
+    return input_rows.time_batches(dataset, args.input_warmup, start)
 
 
 # ============================================================================================
