@@ -4,10 +4,8 @@ changes refused or accepted, one step counter under float16, and the cross-repli
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 
 import keras
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from tests.file_events import wait_for_entry
 from trainer.config import Config, RunPlan
 from trainer.loop import resume
 from trainer.loop.actions import StepLossLog
@@ -60,14 +59,12 @@ def _after_final_valid(line, model_dir):
 
 
 def _export_staging(line, model_dir):
-    """Waits (reading no further) until the export's staging folder appears."""
+    """Waits (reading no further) until the export's staging folder appears: the kernel reports
+    it (tests/file_events.py), no polling."""
     if not line.startswith("final test:"):
         return False
-    export = model_dir / "export"
-    for _ in range(20000):
-        if export.exists() and any(n.startswith(".tmp-") for n in os.listdir(export)):
-            return True
-        time.sleep(0.001)
+    if wait_for_entry(model_dir / "export", lambda name: name.startswith(".tmp-"), timeout=120):
+        return True
     raise AssertionError("the export's staging folder never appeared")
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import keras
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from tests.file_events import wait_for_entry
 from trainer.loop.step import Metrics, StepFunctions
 from trainer.loop.actions import StepLossLog
 
@@ -54,25 +54,23 @@ def _kill_after_step(model_dir, flags, step: int) -> int:
 
 
 def _kill_during_save(model_dir, flags) -> None:
-    """SIGKILL while a checkpoint's files are being written (its `ckpt-N_temp` folder exists)."""
+    """SIGKILL while a checkpoint's files are being written (its `ckpt-N_temp` folder exists):
+    the kernel reports the folder's creation (tests/file_events.py), no polling."""
     checkpoint_dir = model_dir / "checkpoints"
     process = _start(model_dir, *flags)
-    killed_in = None
-    while process.poll() is None and killed_in is None:
-        try:
-            temp = [n for n in os.listdir(checkpoint_dir) if n.endswith("_temp")]
-        except FileNotFoundError:
-            temp = []
-        for name in temp:
-            number = name[len("ckpt-"):-len("_temp")]
-            if not os.path.exists(checkpoint_dir / f"ckpt-{number}.index"):
-                process.kill()
-                killed_in = number
-                break
-        time.sleep(0.0005)
+
+    def being_written(name: str) -> bool:
+        return name.endswith("_temp") and not os.path.exists(
+            checkpoint_dir / (name[:-len("_temp")] + ".index"))
+
+    temp = wait_for_entry(checkpoint_dir, being_written, timeout=240,
+                          alive=lambda: process.poll() is None)
+    if temp is not None:
+        process.kill()
     process.stdout.close()
     process.wait(timeout=60)
-    assert killed_in is not None, "the run ended before a save could be interrupted"
+    assert temp is not None, "the run ended before a save could be interrupted"
+    killed_in = temp[len("ckpt-"):-len("_temp")]
     latest = tf.train.latest_checkpoint(str(checkpoint_dir))
     assert not latest.endswith(f"ckpt-{killed_in}"), "the interrupted save became the latest"
 
