@@ -37,10 +37,12 @@ def _names(fd: int, timeout: float) -> list[str]:
     return names
 
 
-def wait_for_entry(folder, matches, timeout: float = 120, alive=lambda: True) -> str | None:
-    """The first name in `folder` for which `matches(name)` holds: one already there, or one
-    created (or renamed into it) later. Waits for `folder` itself to exist first (checked every
-    50 ms). None when `alive()` turns false or `timeout` seconds pass."""
+def wait_for_entry(folder, matches, timeout: float = 120, alive=lambda: True,
+                   ignore=frozenset()) -> str | None:
+    """The first name in `folder` for which `matches(name)` holds and that is not in `ignore`
+    (say, what was there before the process started): one already there, or one created (or
+    renamed into it) later. Waits for `folder` itself to exist first (checked every 50 ms).
+    None when `alive()` turns false or `timeout` seconds pass."""
     folder, deadline = os.fspath(folder), time.monotonic() + timeout
     while not os.path.isdir(folder):
         if not alive() or time.monotonic() > deadline:
@@ -49,11 +51,12 @@ def wait_for_entry(folder, matches, timeout: float = 120, alive=lambda: True) ->
     fd = _inotify(folder)
     try:
         # Names created before the watch began are in the listing, later ones in the events.
-        found = [n for n in os.listdir(folder) if matches(n)]
+        found = [n for n in os.listdir(folder) if n not in ignore and matches(n)]
         while not found:
             if not alive() or time.monotonic() > deadline:
                 return None
-            found = [n for n in _names(fd, min(0.2, deadline - time.monotonic())) if matches(n)]
+            found = [n for n in _names(fd, min(0.2, deadline - time.monotonic()))
+                     if n not in ignore and matches(n)]
         return found[0]
     finally:
         os.close(fd)

@@ -1,9 +1,7 @@
-"""The trainer core: the distributed step, evaluation counts, a real demo run, resume, events."""
+"""The trainer core: the distributed step, evaluation counts, a real demo run, events."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import keras
 import numpy as np
@@ -13,7 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from data import datasets, decode, layout
 from data.augment import Augment
-from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
 from trainer.loop.precision import detect_hardware, resolve_precision
 from trainer.loop.step import Metrics, StepFunctions
 
@@ -157,61 +155,6 @@ def test_event_files_hold_scalars_images_and_config(demo_run):
     evals.Reload()
     assert {"valid/loss", "valid/accuracy", "test/accuracy"} <= set(evals.Tags()["tensors"])
     assert "train/images" not in tags
-
-
-def _learning_rates(model_dir) -> dict[int, float]:
-    acc = event_accumulator.EventAccumulator(
-        str(model_dir / "train"), size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
-    return {e.step: float(tf.make_ndarray(e.tensor_proto))
-            for e in acc.Tensors("train/learning_rate")}
-
-
-def test_interrupted_run_resumes_step_optimizer_and_learning_rate(demo_dir, tmp_path):
-    flags = [f"--data_dir={demo_dir}", *FAST_DEMO_FLAGS, "--train_steps=60",
-             "--distribution_strategy=one_device", "--checkpoint_every_steps=10",
-             "--noeval_figures", "--noexport_at_end", "--high_loss_scan=0"]
-    whole = tmp_path / "whole"
-    run_trainer(f"--model_dir={whole}", *flags)
-
-    parts = tmp_path / "parts"
-    process = subprocess.Popen(trainer_command(f"--model_dir={parts}", *flags), cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:  # stop once a few loops have run
-        if line.startswith("epoch ") and int(line.split()[3].split("/")[0]) >= 20:
-            process.send_signal(signal.SIGTERM)
-            break
-    rest = process.stdout.read()
-    assert process.wait(timeout=60) == 75, rest
-    assert "stopped by signal" in rest
-    stopped_at = int(tf.train.load_variable(str(parts / "checkpoints"),
-                                            "step/.ATTRIBUTES/VARIABLE_VALUE"))
-    assert 20 <= stopped_at < 60
-    result = run_trainer(f"--model_dir={parts}", *flags)
-    assert f"at step {stopped_at}" in result.stdout
-    first_loop = [line for line in result.stdout.splitlines() if line.startswith("epoch ")][0]
-    assert f"step {stopped_at + 5}/60" in first_loop
-
-    ckpt = str(parts / "checkpoints")
-    assert tf.train.load_variable(ckpt, "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 60
-    assert tf.train.load_variable(ckpt, "step/.ATTRIBUTES/VARIABLE_VALUE") == 60
-    # The learning rate after resume follows the same schedule, step for step.
-    assert _learning_rates(parts) == pytest.approx(_learning_rates(whole))
-    # Each logged rate is the one its step applied: step k ran at peak * (k-1) / warmup_steps
-    # in the warmup (0.5 epochs; the optimizer's own `learning_rate` is already the next
-    # step's), and the last step's is not yet the schedule's final 0.
-    train_images = sum(1 for _ in (demo_dir / "train").glob("*/*.jpg"))
-    warmup_steps = round(0.5 * (train_images // 32))
-    assert _learning_rates(whole)[5] == pytest.approx(0.003 * 4 / warmup_steps, rel=1e-5)
-    assert _learning_rates(whole)[60] > 0
-    # Same data, same steps: the resumed run ends where the uninterrupted one did.
-    whole_vars = dict(tf.train.list_variables(str(whole / "checkpoints")))
-    for name, _ in tf.train.list_variables(ckpt):
-        if name.startswith("model/") and "OPTIMIZER_SLOT" not in name:
-            np.testing.assert_allclose(tf.train.load_variable(ckpt, name),
-                                       tf.train.load_variable(str(whole / "checkpoints"), name),
-                                       rtol=1e-3, atol=1e-4, err_msg=name)
-    assert whole_vars
 
 
 def test_ci_script_runs_the_readme_test_command():
