@@ -285,7 +285,8 @@ def test_second_scan_decodes_only_changed_files(messy_dir, tmp_path):
 
 def test_trainer_read_inputs_refuses_an_unknown_valid_class_by_name(messy_dir, tmp_path):
     from trainer import flags as trainer_flags
-    from trainer.loop.inputs import TrainingError, read_inputs
+    from trainer.errors import TrainingError
+    from trainer.loop.inputs import read_inputs
     model_dir = tmp_path / "run"
     config = trainer_flags.config_from_argv([f"--data_dir={messy_dir}",
                                              f"--model_dir={model_dir}"])

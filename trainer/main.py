@@ -1,4 +1,7 @@
-"""Train an image classifier: python -m trainer.main --flagfile=configs/NAME.cfg [FLAGS...]"""
+"""Train an image classifier: python -m trainer.main --flagfile=configs/NAME.cfg [FLAGS...]
+
+Exit codes: trainer/errors.py (0 finished, 1 error, 2 usage, 69 peer lost, 74 disk full or
+read-only, 75 stopped by a signal with what is complete kept, 130/143 a second signal)."""
 from __future__ import annotations
 
 import os
@@ -6,17 +9,28 @@ import sys
 
 from absl import app, logging
 
+from trainer import errors
 from trainer import flags as trainer_flags
+from trainer.errors import INTERRUPTS
 
 
 def main(argv: list[str]) -> int:
+    # First thing: from here on a SIGTERM/SIGINT in any phase ends with exit 75 (errors.py).
+    INTERRUPTS.install()
     if len(argv) > 1:
         print(f"trainer: unexpected arguments {argv[1:]} (flags look like --name=value)",
               file=sys.stderr)
-        return 2
+        return errors.EXIT_USAGE
     if not trainer_flags.flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # absl INFO lines from TF's checkpoint saver
     config = trainer_flags.config_from_flags()
+    try:
+        return _train(config)
+    except errors.Interrupted as e:
+        return _interrupted(config, e.signal)
+
+
+def _train(config) -> int:
     from trainer.state.run_dir import RunError, check_run_folder
     from trainer.state.run_lock import check_free
     try:  # before TensorFlow loads: answered at once
@@ -25,30 +39,66 @@ def main(argv: list[str]) -> int:
             check_free(config.model_dir)
     except RunError as e:
         print(f"trainer: {e}", file=sys.stderr)
-        return 1
+        return errors.EXIT_FAILURE
     # TensorFlow loads only now, so that flag errors above answer at once; without the C++
     # runtime's import-time lines on stderr, so that a user error is one line there.
     from trainer.tools.tool_flags import import_tensorflow
     import_tensorflow()
     from data.layout import LayoutError
     from trainer.loop.distribute import StrategyError
-    from trainer.loop.controller import EXIT_PREEMPTED, Preempted
-    from trainer.loop.inputs import EXIT_PEER_LOST, PeerLost, TrainingError
     from trainer.loop.train import run
     try:
         run(config)
-    except PeerLost as e:
+    except errors.PeerLost as e:
         # Exit at once: the interpreter's shutdown would wait at the cluster's shutdown
         # barrier for the peer that is gone.
-        print(f"trainer: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_PEER_LOST)
-    except (LayoutError, StrategyError, TrainingError, RunError) as e:
-        print(f"trainer: {e}", file=sys.stderr)
-        return 1
-    except Preempted:
-        return EXIT_PREEMPTED
+        _exit_now(f"trainer: {e}", errors.EXIT_PEER_LOST)
+    except errors.Preempted:
+        return errors.EXIT_PREEMPTED
+    except Exception as e:  # noqa: BLE001 (a full disk can surface as any of them)
+        disk = errors.disk_error(e)
+        if disk:
+            return _disk_full(config, *disk)
+        if isinstance(e, (LayoutError, StrategyError, errors.TrainingError, RunError)):
+            print(f"trainer: {e}", file=sys.stderr)
+            return errors.EXIT_FAILURE
+        raise
     return 0
+
+
+def _kept(config) -> str:
+    """What a stop leaves to resume from: the newest checkpoint, by the run's state file."""
+    from trainer.state import run_dir
+    latest = run_dir.latest_checkpoint(os.path.join(config.model_dir, run_dir.CHECKPOINT_DIR))
+    if latest is None:
+        return f"{config.model_dir} holds no checkpoint yet"
+    return f"the checkpoints up to {latest} are intact"
+
+
+def _disk_full(config, reason: str, path: str) -> int:
+    line = f"trainer: {errors.disk_line(reason, path, _kept(config))}"
+    if config.distribution_strategy == "multi_worker_mirrored":
+        _exit_now(line, errors.EXIT_DISK)  # not at the shutdown barrier with its peers
+    print(line, file=sys.stderr)
+    return errors.EXIT_DISK
+
+
+def _interrupted(config, sig: int) -> int:
+    """A signal in a set-up phase (before the loop): the phase is abandoned; the run folder
+    keeps what it had (files are published whole, by rename)."""
+    line = (f"trainer: stopped by signal {sig} outside the training loop (that phase abandoned); "
+            f"{_kept(config)}; run again with the same --model_dir to go on (exit code "
+            f"{errors.EXIT_PREEMPTED})")
+    if config.distribution_strategy == "multi_worker_mirrored":
+        _exit_now(line, errors.EXIT_PREEMPTED)
+    print(line, file=sys.stderr, flush=True)
+    return errors.EXIT_PREEMPTED
+
+
+def _exit_now(line: str, code: int) -> None:
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def entry() -> None:

@@ -29,9 +29,8 @@ import warnings
 from absl import flags
 
 from trainer.config import BEST_METRICS, Config
+from trainer.errors import EXIT_PREEMPTED, EXIT_USAGE  # TensorFlow-free
 
-EXIT_PREEMPTED = 75  # trainer.loop.controller's; not imported from there: it loads TensorFlow
-EXIT_USAGE = 2
 KINDS = ("log_uniform", "uniform", "int", "categorical")
 NOT_SWEPT = ("model_dir", "list_models")  # the sweep owns model_dir; list_models trains nothing
 FIELDS = tuple(field.name for field in dataclasses.fields(Config))

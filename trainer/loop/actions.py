@@ -8,7 +8,6 @@ analysis.Predictions, from the same pass), `close()`. Actions that change the co
 from __future__ import annotations
 
 import os
-import signal
 
 import keras
 import numpy as np
@@ -16,7 +15,7 @@ import tensorflow as tf
 
 from data import decode
 from models import transfer
-from trainer.loop.inputs import TrainingError
+from trainer.errors import INTERRUPTS, Interrupts, TrainingError
 from trainer.loop.resume import MAX_ROLLBACKS
 from trainer.loop.runner import LoopResult, StepRunner
 from trainer.report import figures, summaries
@@ -310,26 +309,43 @@ class StopSignal:
     on its own schedule and ends the process itself; an agreed flag keeps the stop inside the
     controller (checkpoint, runs.jsonl, finishing) at the price of reacting at loop ends."""
 
-    def __init__(self, strategy: tf.distribute.Strategy, num_workers: int):
-        self.received: list[int] = []
-        self._previous = {sig: signal.signal(sig, lambda s, f: self.received.append(s))
-                          for sig in (signal.SIGTERM, signal.SIGINT)}
+    def __init__(self, strategy: tf.distribute.Strategy, num_workers: int,
+                 interrupts: Interrupts = INTERRUPTS):
+        # The process-wide handler (trainer/errors.py), installed by trainer.main first thing;
+        # from the API (a notebook) it is installed here for the loop's duration, without the
+        # second signal's forced exit (that would end the notebook's kernel).
+        self.interrupts = interrupts
+        self._installed_here = not interrupts.installed
+        if self._installed_here:
+            interrupts.install(force_second=False)
+        self._deferred = interrupts.deferred()
+        self._deferred.__enter__()  # from here a signal waits for the loop's end
+        self._other = False  # another worker's signal (agreed through `requested`)
         self._agree = _any_worker(strategy) if num_workers > 1 else None
+
+    @property
+    def received(self) -> list[int]:
+        """The signals this process received; [0] for another worker's signal."""
+        return self.interrupts.received or ([0] if self._other else [])
 
     @property
     def requested(self) -> bool:
         """True when this process, or (with several workers) any worker, got a signal. Every
         worker must read it at the same points (it is a collective there)."""
+        here = bool(self.interrupts.received)
         if self._agree is None:
-            return bool(self.received)
-        anywhere = bool(self._agree(tf.constant(1.0 if self.received else 0.0)))
-        if anywhere and not self.received:
-            self.received.append(0)  # 0: another worker's signal
+            return here
+        anywhere = bool(self._agree(tf.constant(1.0 if here else 0.0)))
+        self._other = self._other or (anywhere and not here)
         return anywhere
 
     def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if self._deferred is not None:
+            self._deferred.__exit__(None, None, None)
+            self._deferred = None
+        if self._installed_here:
+            self.interrupts.uninstall()
+            self.interrupts.received.clear()  # the next api.train starts without a stop
 
 
 def _any_worker(strategy: tf.distribute.Strategy):

@@ -3,21 +3,13 @@ runs, when to evaluate, save and stop; the runner (runner.py) runs the steps; ac
 (actions.py) do the extras; the reporter (report/console.py) writes what the runner returns."""
 from __future__ import annotations
 
+from trainer.errors import EXIT_PREEMPTED, Preempted
 from trainer.loop.actions import BackboneFreeze, NonFiniteGuard, StopSignal
 from trainer.loop.runner import StepRunner
 from trainer.report.console import Reporter, log
 from trainer.state.run_state import RunState
 
-# Exit code meaning "interrupted cleanly, checkpoint saved: start me again" (EX_TEMPFAIL).
-EXIT_PREEMPTED = 75
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at `step`."""
-
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}")
-        self.step = step
+__all__ = ["Controller", "EXIT_PREEMPTED", "Preempted"]  # the last two: trainer.errors'
 
 
 class Controller:

@@ -92,6 +92,9 @@ def finish(controller: Controller, run_start: float) -> dict:
             temperature=temperature, unknown_below=config.unknown_below,
             eval_crop=config.eval_crop)
         print(f"exported for serving: {results['export_dir']}", flush=True)
+    # A signal during the outputs above (an export takes seconds) stops here: results.json is
+    # not written, so the restart finishes the run; never exit 0 past a stop signal.
+    _stop_if_asked(controller, here_only=True)
     path = os.path.join(config.model_dir, run_dir.RESULTS_FILE)
     run_dir.write_json(path, results)
     print(f"results written to {path}", flush=True)

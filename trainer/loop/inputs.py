@@ -10,24 +10,12 @@ from data import check, datasets, diskcache, layout, memory, service, source
 from data.augment import Augment, Mix
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_randaugment
+from trainer.errors import TrainingError
 from trainer.loop import distribute
 from trainer.state import run_dir
 
 # An "epoch" of --synthetic_data, which has no dataset to define one.
 SYNTHETIC_EPOCH_IMAGES = 10_000
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on; str() is a one-line message for the user."""
-
-
-class PeerLost(TrainingError):
-    """Another worker died, froze or became unreachable (exit code EXIT_PEER_LOST)."""
-
-
-# Exit code of a worker whose peer was lost (EX_UNAVAILABLE): restart every worker, the run
-# resumes from the last checkpoint.
-EXIT_PEER_LOST = 69
 
 
 @dataclasses.dataclass

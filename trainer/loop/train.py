@@ -39,8 +39,10 @@ from data.augment import Augment
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, epochs_to_steps, parse_profile_steps
 from trainer.loop import actions, distribute, finish, inputs, precision, pretrained, resume
-from trainer.loop.controller import Controller, Preempted
-from trainer.loop.inputs import EXIT_PEER_LOST, Inputs, PeerLost, TrainingError
+from trainer import errors
+from trainer.errors import EXIT_PEER_LOST, PeerLost, Preempted, TrainingError
+from trainer.loop.controller import Controller
+from trainer.loop.inputs import Inputs
 from trainer.loop.optimization import continue_plan, rebatched
 from trainer.loop.runner import StepRunner
 from trainer.report import figures, summaries
@@ -170,7 +172,9 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
         reason = "preempted"
         raise
     except tf.errors.OpError as e:
-        if distribute.num_workers(strategy) == 1:
+        # With several workers only an error that says a peer is gone is a lost peer; a real
+        # error of this worker (a full disk, a bad image) is reported as itself.
+        if distribute.num_workers(strategy) == 1 or not errors.is_peer_lost(e):
             raise
         reason = "peer lost"
         raise _peer_lost(e, strategy, controller.last_step, config) from None

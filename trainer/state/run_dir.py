@@ -28,6 +28,7 @@ import re
 import sys
 
 from data.files import atomic_write_text
+from trainer.errors import RunError  # noqa: F401 (trainer.state.run_dir.RunError)
 
 CONFIG_FILE = "config.json"
 RUNS_FILE = "runs.jsonl"
@@ -47,10 +48,6 @@ LOCK_PREFIX = ".lock"  # the lock and its temporary names (state/run_lock.py)
 LAUNCHER_FILES = ("sweep.log",)
 
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-class RunError(ValueError):
-    """The run directory or checkpoint cannot be used; str() is a one-line message."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,12 +30,11 @@ import time
 import uuid
 
 from data.files import file_mode, fsync_path
-from trainer.state.run_dir import RunError
+from trainer.errors import EXIT_LOCK_LOST, RunError
 
 LOCK_FILE = ".lock"
 HEARTBEAT_SECONDS = 30.0
 LEASE_SECONDS = 300.0
-EXIT_LOCK_LOST = 1
 
 
 class LockHeld(RunError):

@@ -19,7 +19,8 @@ import tensorflow as tf
 from models import registry, transfer
 from trainer.config import Config, RunPlan
 from trainer.loop.ema import WeightAverage
-from trainer.loop.inputs import Inputs, TrainingError
+from trainer.errors import TrainingError
+from trainer.loop.inputs import Inputs
 from trainer.loop.optimization import make_optimizer
 from trainer.loop.step import Metrics, StepFunctions
 from trainer.report import summaries
