@@ -74,9 +74,11 @@ def atomic_write_text(path: str, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_path(directory)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a write's ENOSPC names no file: the line must say which
         raise
 
 

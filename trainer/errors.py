@@ -152,17 +152,20 @@ def disk_error(error: BaseException) -> tuple[str, str] | None:
     `finally` after the first), is a full or read-only disk or a file over its size limit:
     an OSError with ENOSPC/EROFS/EFBIG, or an error whose message carries the system's text
     for one (tf.errors.ResourceExhaustedError "...; No space left on device", a TrainingError
-    made from one). The oldest such error names the path; "" when none is known."""
+    made from one). The oldest such error that names a path names it; "" when none is known."""
     found = None
-    for link in _chain(error):
+    for link in _chain(error):  # newest first: the last one with a path wins
         if isinstance(link, OSError) and link.errno in DISK_ERRNOS:
-            found = (DISK_ERRNOS[link.errno], link.filename or "")
-            continue
-        text = re.sub(r"\{\{.*?\}\}\s*", "", str(link))
-        reason = next((m for m in _DISK_MESSAGES if m in text), None)
-        if reason:
+            here = (DISK_ERRNOS[link.errno], str(link.filename or ""))
+        else:
+            text = re.sub(r"\{\{.*?\}\}\s*", "", str(link))
+            reason = next((m for m in _DISK_MESSAGES if m in text), None)
+            if not reason:
+                continue
             path = _PATH.search(text)
-            found = (reason, path.group(1) if path else "")
+            here = (reason, path.group(1) if path else "")
+        if found is None or here[1]:
+            found = here
     return found
 
 
