@@ -72,7 +72,9 @@ def _export_staging(line, model_dir):
     (_in_last_loop, signal.SIGTERM, 75),
     (_after_final_valid, signal.SIGKILL, -signal.SIGKILL),
     (_export_staging, signal.SIGKILL, -signal.SIGKILL),
-], ids=["sigterm-in-last-loop", "sigkill-in-final-evaluation", "sigkill-in-export"])
+    (_export_staging, signal.SIGINT, 75),  # a Ctrl-C in the export is not swallowed (exit 0)
+], ids=["sigterm-in-last-loop", "sigkill-in-final-evaluation", "sigkill-in-export",
+        "sigint-in-export"])
 def test_a_restart_completes_the_finishing_phase(demo_dir, tmp_path, uninterrupted, when, sig,
                                                  code):
     model_dir = tmp_path / "run"
