@@ -251,3 +251,39 @@ def test_a_full_disk_in_a_checkpoint_save_exits_74_with_the_previous_checkpoint_
         step = tf.train.load_checkpoint(first).get_tensor(run_dir.STEP_KEY)
         assert step >= 5
     print(f"exit 74 {elapsed:.1f} s after the disk filled")
+
+
+def test_a_full_disk_on_the_chief_of_two_workers_is_74_there_not_a_lost_peer(
+        small_demo_dir, tmp_path):
+    from tests.test_multiworker import TIMEOUT, WORKER_FLAGS, _start_workers, _wait_for_step
+    with _tmpfs(tmp_path / "disk", "64m") as disk:
+        model_dir = disk / "run"  # the chief's; worker 1 saves into its scratch folder
+        flags = (f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}", *WORKER_FLAGS[:-2],
+                 "--train_steps=2000", "--distribution_strategy=multi_worker_mirrored",
+                 f"--collective_timeout={TIMEOUT}")
+        workers = _start_workers(tmp_path, flags, "d")
+        try:
+            _wait_for_step(workers[0], 5)
+            wait_for_entry(model_dir / "checkpoints", lambda name: name == "checkpoint")
+            for worker in workers:
+                worker.send_signal(signal.SIGSTOP)
+            _fill(disk)
+            for worker in workers:
+                worker.send_signal(signal.SIGCONT)
+            start = time.time()
+            chief = _end(workers[0], timeout=TIMEOUT + 60)
+            chief_time = time.time() - start
+            other = _end(workers[1], timeout=TIMEOUT + 60)
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.communicate()
+        assert chief[0] == errors.EXIT_DISK, chief[1][-20:]
+        assert chief[1][-1].startswith(f"trainer: the disk is full (No space left on device) "
+                                       f"writing {model_dir}/"), chief[1][-1]
+        assert "Traceback" not in "\n".join(chief[1])
+        # the other worker lost the chief, which is gone: that, and only that, is 69
+        assert other[0] == errors.EXIT_PEER_LOST, other[1][-20:]
+        assert other[1][-1].startswith("trainer: lost contact with worker:0"), other[1][-1]
+    print(f"chief exit 74 {chief_time:.1f} s after the disk filled")

@@ -299,8 +299,10 @@ class BackboneFreeze:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag that the controller reads between loops (and the finishing
-    phase between its outputs); the handlers are put back by `close`.
+    """SIGTERM/SIGINT, recorded by the process-wide handler (trainer/errors.py INTERRUPTS,
+    installed by trainer.main), are read by the controller between loops (and the finishing
+    phase between its outputs): from construction to `close` a first signal is deferred to
+    the loop's end instead of abandoning the phase.
 
     With several workers the flag is agreed: each reading all-reduces it, so a signal to any
     one worker stops every worker after the same loop, where they all save the same checkpoint
