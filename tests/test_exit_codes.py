@@ -174,6 +174,7 @@ def test_a_first_signal_outside_the_loop_raises_and_a_second_exits_at_once():
     assert child.stdout.readline() == f"raised {int(signal.SIGINT)}\n"
     assert child.stdout.readline() == "deferred\n"
     child.send_signal(signal.SIGTERM)
+    assert child.stdout.readline().startswith("signal 15 received: stopping at the end of this")
     assert child.stdout.readline() == f"recorded [{int(signal.SIGTERM)}]\n"
     start = time.time()
     child.send_signal(signal.SIGTERM)
@@ -291,3 +292,22 @@ def test_a_full_disk_on_the_chief_of_two_workers_is_74_there_not_a_lost_peer(
         assert other[0] == errors.EXIT_PEER_LOST, other[1][-20:]
         assert other[1][-1].startswith("trainer: lost contact with worker:0"), other[1][-1]
     print(f"chief exit 74 {chief_time:.1f} s after the disk filled")
+
+
+def test_a_second_sigterm_in_the_loop_ends_the_trainer_at_once(small_demo_dir, tmp_path):
+    """The first SIGTERM waits for the loop's end (100 steps here); the second does not."""
+    process = _start(f"--data_dir={small_demo_dir}", f"--model_dir={tmp_path / 'run'}",
+                     *FLAGS[:-1], "--noexport_at_end", "--steps_per_loop=100",
+                     "--eval_every_steps=1000", "--train_steps=1000")
+    _wait_for_line(process, "epoch ")  # the first loop is done; the second has 100 steps
+    process.send_signal(signal.SIGTERM)
+    _wait_for_line(process, "signal 15 received: stopping at the end of this loop")
+    process.send_signal(signal.SIGTERM)
+    start = time.time()
+    code, lines = _end(process)
+    elapsed = time.time() - start
+    assert code == 128 + signal.SIGTERM, lines[-20:]
+    assert lines[-1] == ("trainer: second signal 15: stopping at once (exit code 143); the run "
+                         "goes on from its last checkpoint")
+    assert elapsed < 2, elapsed
+    print(f"exit 143 {elapsed:.2f} s after the second SIGTERM")

@@ -112,6 +112,9 @@ class Interrupts:
         self.received.append(sig)
         if not self._deferred:
             raise Interrupted(sig)
+        # os.write, not print: a print here could re-enter the one the main thread is in.
+        os.write(sys.stdout.fileno(), f"signal {sig} received: stopping at the end of this "
+                 f"loop with a checkpoint (a second signal stops at once)\n".encode())
 
 
 class _Deferred:
