@@ -18,6 +18,7 @@ scheduler can tell a restart that will succeed from one that will not:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -112,9 +113,11 @@ class Interrupts:
         self.received.append(sig)
         if not self._deferred:
             raise Interrupted(sig)
-        # os.write, not print: a print here could re-enter the one the main thread is in.
-        os.write(sys.stdout.fileno(), f"signal {sig} received: stopping at the end of this "
-                 f"loop with a checkpoint (a second signal stops at once)\n".encode())
+        # os.write, not print: a print here could re-enter the one the main thread is in. A
+        # notebook's stdout has no file descriptor: then the line is left out.
+        with contextlib.suppress(Exception):
+            os.write(sys.stdout.fileno(), f"signal {sig} received: stopping at the end of this "
+                     f"loop with a checkpoint (a second signal stops at once)\n".encode())
 
 
 class _Deferred:
