@@ -142,7 +142,7 @@ def _bn_model(layer_class):
 
 def test_two_replicas_average_the_fused_moving_statistics(two_replicas):
     """Each replica updates its own copy from its own batch; after the loop every copy holds
-    the average (trainer/step.py _average_model_state), with the population variance."""
+    the average (trainer/loop/step.py _average_model_state), with the population variance."""
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(2)
@@ -216,7 +216,7 @@ def test_keras_file_with_fused_layers_loads_in_a_fresh_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# --xla under several replicas (trainer/step.py compiles the forward/backward pass only)
+# --xla under several replicas (trainer/loop/step.py compiles the forward/backward pass only)
 # ---------------------------------------------------------------------------------------------
 def _losses_and_weights(strategy, xla: bool):
     keras.mixed_precision.set_global_policy("float32")

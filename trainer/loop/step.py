@@ -11,7 +11,7 @@ used) or soft targets [B, classes] from MixUp/CutMix (data/augment.py), whose ac
 argmax of the target. `label_smoothing` smooths either. With `grad_accum_steps` k > 1 each
 replica's batch is cut into k micro-batches whose gradients are summed before the one optimizer
 update (each micro-batch loss is divided by the *global* batch, so the sum is the gradient of the
-whole batch's mean loss). A `WeightAverage` (trainer/ema.py) is updated after every step.
+whole batch's mean loss). A `WeightAverage` (trainer/loop/ema.py) is updated after every step.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ class StepFunctions:
         self.gradient_norm = gradient_norm  # optional: mean global gradient norm (before clipping)
         self.label_smoothing = label_smoothing
         self.grad_accum_steps = grad_accum_steps
-        self.weight_average = weight_average  # trainer.ema.WeightAverage or None
+        self.weight_average = weight_average  # trainer.loop.ema.WeightAverage or None
         # The run's global step, counted here after every step (skipped float16 steps too): it
         # drives the learning-rate schedule (optimization.py) and, plus `skipped_batches`
         # (batches --on_nan=rollback left out), the data position.
