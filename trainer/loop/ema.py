@@ -11,7 +11,7 @@ update), so averaging needs no communication.
 with t the optimizer's update count: the warm-up keeps early averages from being dominated by
 the random initial weights in short runs. The averages are in the checkpoint (`ema/averages/i`),
 so a resumed run continues the same average. `applied()` swaps them into the model for
-evaluation and export; `restore_into(model, checkpoint)` loads them from a checkpoint into a
+evaluation and export; `averages_of(model)` lets a checkpoint's averages be restored into a
 freshly built model (the evaluate/export tools).
 """
 from __future__ import annotations
@@ -73,11 +73,9 @@ def _tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-def restore_into(model: keras.Model, checkpoint_path: str) -> None:
-    """Assign the averages saved in `checkpoint_path` to `model`'s trainable variables (a model
+def averages_of(model: keras.Model) -> tf.Module:
+    """The checkpointed object holding averages for `model`'s trainable variables (a model
     built afresh by the registry, nothing frozen: the same variables in the same order as when
-    the averages were created). Raises checkpoints.CheckpointMismatch (a ValueError) if the
-    checkpoint lacks some of them."""
-    from trainer.state.checkpoints import restore_objects
-    restore_objects(checkpoint_path,
-                    ema=_Averages([_tf_variable(v) for v in model.trainable_variables]))
+    the averages were created), to restore into from a checkpoint: restoring assigns the
+    averages to the model's own weights (state/checkpoints.py's restore_model)."""
+    return _Averages([_tf_variable(v) for v in model.trainable_variables])
