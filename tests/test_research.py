@@ -365,7 +365,7 @@ def test_evaluations_before_the_start_never_count_against_the_patience(tmp_path)
 
 @pytest.mark.quick
 def test_class_weights_line_names_the_extremes_or_says_all_are_equal():
-    from trainer.state.run_state import balanced_class_weights, describe_class_weights
+    from trainer.loop.run_state import balanced_class_weights, describe_class_weights
     names = ["ASTRONAUT", "SHUTTLE", "ROVER"]
     equal = balanced_class_weights([0, 1, 2, 0, 1, 2], 3)
     assert describe_class_weights(equal, names) == \
@@ -377,7 +377,7 @@ def test_class_weights_line_names_the_extremes_or_says_all_are_equal():
 
 def _checkpointed_state(directory, ema: bool = True):
     """What finishing restores from: a small model, its weight averages, the latest-K keeper
-    and the best checkpoint wired as trainer/state/run_state.py wires them."""
+    and the best checkpoint wired as trainer/loop/run_state.py wires them."""
     from types import SimpleNamespace
 
     from trainer.loop.ema import WeightAverage
@@ -469,7 +469,7 @@ def _demo_batch(demo_dir, per_class: dict[int, int]):
 
 @pytest.mark.quick
 def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo_dir):
-    from trainer.state.run_state import balanced_class_weights
+    from trainer.loop.run_state import balanced_class_weights
     images, labels = _demo_batch(demo_dir, {0: 6, 1: 1, 2: 1})  # 8 images, class 0 common
     weights = balanced_class_weights(labels, 4)
     np.testing.assert_allclose(weights, [8 / (4 * 6), 8 / 4, 8 / 4, 0.0])

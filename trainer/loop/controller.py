@@ -6,7 +6,7 @@ from __future__ import annotations
 from trainer.loop.actions import BackboneFreeze, NonFiniteGuard, StopSignal
 from trainer.loop.runner import StepRunner
 from trainer.report.console import Reporter, log
-from trainer.state.run_state import RunState
+from trainer.loop.run_state import RunState
 
 # Exit code meaning "interrupted cleanly, checkpoint saved: start me again" (EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
