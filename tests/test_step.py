@@ -42,6 +42,8 @@ def test_the_loss_smooths_the_target_and_weighs_examples_and_classes():
         from_logits=True, label_smoothing=0.2, reduction=None)(soft, logits)
     np.testing.assert_allclose(loss(tf.constant(soft), logits, weights),
                                mixed * weights * 1.25, rtol=1e-5)
+    np.testing.assert_allclose(recipes.make_loss(0.2)(tf.constant(labels), logits, weights),
+                               smoothed * weights, rtol=1e-5)
     plain = recipes.make_loss()(tf.constant(labels), logits, weights)
     np.testing.assert_allclose(plain, keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=None)(labels, logits) * weights, rtol=1e-5)
