@@ -5,10 +5,11 @@
 Runs the trainer of both checkouts (each in its own process, with its own code first on
 PYTHONPATH, the same Python) with the same tiny flags on the same small dataset, and compares
 byte for byte every checkpoint's variables (weights, optimizer slots, weight averages, counters)
-and step_losses.tsv. Cases (all with --deterministic, small_resnet at 32 px, a few steps):
+and step_losses.tsv (and batch_ids.tsv). Cases (all with --deterministic, small_resnet at 32 px, a few steps):
   demo      configs/demo.cfg (two replicas) in float32
   recipes   two replicas with every recipe on: label smoothing, balanced class weights (the
-            dataset's classes are unbalanced), 2 micro-batches, clipping, EMA, the gradient norm
+            dataset's classes are unbalanced), 2 micro-batches, clipping, EMA, the gradient norm,
+            the batches' image ids (--debug_record_batches)
   float16   the recipes in float16 (loss scaling, the overflow agreement) with a NaN batch
             rolled back (--debug_nan_batches, --on_nan=rollback)
 Prints one line per case and exits 1 when any differs. Takes a few minutes on 2 cores.
@@ -32,7 +33,8 @@ RECIPES = ("--label_smoothing=0.1", "--class_weight=balanced", "--grad_accum_ste
            "--clip_grad_norm=0.5", "--ema_decay=0.9", "--summary_histograms")
 CASES = {
     "demo": ("--flagfile=configs/demo.cfg", *TINY, "--mixed_precision=none"),
-    "recipes": (*TINY, *TWO_REPLICAS, *RECIPES, "--mixed_precision=none", "--base_lr=0.01"),
+    "recipes": (*TINY, *TWO_REPLICAS, *RECIPES, "--mixed_precision=none", "--base_lr=0.01",
+                "--debug_record_batches"),
     "float16": (*TINY, *TWO_REPLICAS, *RECIPES, "--mixed_precision=float16", "--base_lr=0.01",
                 "--debug_nan_batches=4", "--on_nan=rollback"),
 }
@@ -81,9 +83,10 @@ def checkpoint_variables(model_dir: Path) -> dict[str, dict[str, bytes]]:
 def differences(mine: Path, theirs: Path) -> list[str]:
     """What differs between two run folders (empty: bit-identical)."""
     found = []
-    losses = [(d / "step_losses.tsv").read_bytes() for d in (mine, theirs)]
-    if losses[0] != losses[1]:
-        found.append("step_losses.tsv")
+    for table in ("step_losses.tsv", "batch_ids.tsv"):  # (batch ids: --debug_record_batches)
+        if any((d / table).exists() for d in (mine, theirs)) and \
+                len({(d / table).read_bytes() for d in (mine, theirs)}) > 1:
+            found.append(table)
     a, b = checkpoint_variables(mine), checkpoint_variables(theirs)
     if sorted(a) != sorted(b):
         found.append(f"checkpoints {sorted(a)} against {sorted(b)}")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 train(checkout, CASES[case], data_dir, runs[label])
             found = differences(runs["this"], runs["reference"])
             failed |= bool(found)
-            print(f"{case}: " + ("bit-identical (step_losses.tsv and every checkpoint's "
+            print(f"{case}: " + ("bit-identical (step losses, batch ids, every checkpoint's "
                                  "variables)" if not found else "DIFFERS: " + "; ".join(found)))
     return 1 if failed else 0
 
