@@ -5,7 +5,8 @@
 Runs the trainer of both checkouts (each in its own process, with its own code first on
 PYTHONPATH, the same Python) with the same tiny flags on the same small dataset, and compares
 byte for byte every checkpoint's variables (weights, optimizer slots, weight averages, counters)
-and step_losses.tsv (and batch_ids.tsv). Cases (all with --deterministic, small_resnet at 32 px, a few steps):
+and step_losses.tsv (and batch_ids.tsv). Cases (all --deterministic, small_resnet at 32 px,
+a few steps):
   demo      configs/demo.cfg (two replicas) in float32
   recipes   two replicas with every recipe on: label smoothing, balanced class weights (the
             dataset's classes are unbalanced), 2 micro-batches, clipping, EMA, the gradient norm,
@@ -84,8 +85,9 @@ def differences(mine: Path, theirs: Path) -> list[str]:
     """What differs between two run folders (empty: bit-identical)."""
     found = []
     for table in ("step_losses.tsv", "batch_ids.tsv"):  # (batch ids: --debug_record_batches)
-        if any((d / table).exists() for d in (mine, theirs)) and \
-                len({(d / table).read_bytes() for d in (mine, theirs)}) > 1:
+        contents = {(d / table).read_bytes() if (d / table).exists() else None
+                    for d in (mine, theirs)}
+        if len(contents) > 1:
             found.append(table)
     a, b = checkpoint_variables(mine), checkpoint_variables(theirs)
     if sorted(a) != sorted(b):
