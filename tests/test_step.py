@@ -10,8 +10,6 @@ import tensorflow as tf
 from trainer.loop import recipes, testing_aids
 from trainer.loop.step import Metrics, StepFunctions
 
-pytestmark = pytest.mark.quick
-
 
 def _tiny_model(seed: int = 4) -> keras.Model:
     keras.utils.set_random_seed(seed)
@@ -25,6 +23,7 @@ def _batch(n: int = 8, seed: int = 0):
             np.ones(n, "float32"))
 
 
+@pytest.mark.quick
 def test_the_loss_smooths_the_target_and_weighs_examples_and_classes():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(6, 3)).astype("float32")
@@ -62,6 +61,7 @@ def _micro_step(model, global_batch: int):
     return micro_step
 
 
+@pytest.mark.quick
 def test_accumulation_over_two_micro_batches_is_the_whole_batch_gradient():
     model = _tiny_model()
     images, labels, weights = _batch(8)
@@ -92,6 +92,7 @@ def _per_replica_gradients(strategy, chain, values: list[list[np.ndarray]]):
     return [[np.array(t) for t in strategy.experimental_local_results(g)] for g in outputs]
 
 
+@pytest.mark.quick
 def test_clipping_bounds_the_global_norm_of_the_summed_gradient_across_replicas(two_replicas):
     """Replica 0 holds (3, 0) and (0,), replica 1 (1, 0) and (4,): the all-reduced gradient
     (4, 0, 4) has norm 5.66; clipped to 2, each replica is scaled by 2/5.66 (not by its own
@@ -116,6 +117,7 @@ def test_clipping_bounds_the_global_norm_of_the_summed_gradient_across_replicas(
     np.testing.assert_array_equal(kernel, [[3, 0], [1, 0]])
 
 
+@pytest.mark.quick
 def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step(two_replicas):
     with two_replicas.scope():
         optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
@@ -128,6 +130,7 @@ def test_an_overflow_on_one_replica_makes_every_replica_skip_the_step(two_replic
     np.testing.assert_array_equal(kernel, [[1, 2], [3, 2]])
 
 
+@pytest.mark.quick
 def test_the_composed_step_is_the_hand_written_step_with_every_recipe(two_replicas):
     """Two replicas, label smoothing, class weights, 2 micro-batches and clipping: one SGD step
     moves the weights by -lr * the clipped gradient of the weighted mean loss of the whole
@@ -161,6 +164,7 @@ def test_the_composed_step_is_the_hand_written_step_with_every_recipe(two_replic
         np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.quick
 def test_nan_at_positions_poisons_only_the_marked_data_positions():
     position = tf.Variable(0, dtype=tf.int64)
     loss_fn = testing_aids.nan_at_positions(recipes.make_loss(), (2, 5), lambda: position + 0)
@@ -178,6 +182,7 @@ def test_nan_at_positions_poisons_only_the_marked_data_positions():
             assert got.tobytes() == clean.tobytes()
 
 
+@pytest.mark.quick
 def test_the_loop_returns_the_image_ids_the_batches_carry_in_global_replica_order(two_replicas):
     """--debug_record_batches: the dataset carries ids (a fourth element); the step trains on
     the other three and the loop returns each step's ids, replica 0's half first."""
