@@ -1,13 +1,16 @@
 """Small actions the controller runs around each loop and evaluation (Orbit's "actions").
 
-Hooks, each optional: `before_loop(first_step, last_step)`, `after_loop(result)`,
-`after_evaluation(split, step, values, predictions)` (the evaluation's values and its
-analysis.Predictions, from the same pass), `close()`. Actions that change the course of the run
-(the non-finite guard, backbone freezing, the stop signal) have their own small interfaces.
+Every action is an `Action`: the base class has a no-op method for each hook the controller
+calls (HOOKS, in the order of a loop), and a subclass overrides the ones it needs. A public
+method that is not a hook (a misspelt `after_evaluaton`) is a TypeError when the class is
+defined, so a hook can never silently not run. The actions that change the course of the run
+are ordinary actions too: the non-finite guard (`accept`), backbone freezing (`at_loop_start`,
+`limit`, `before_finish`), the stop signal (`stop_requested`), early stopping (`stop_reason`).
 """
 from __future__ import annotations
 
 import os
+import types
 
 import keras
 import numpy as np
@@ -24,7 +27,57 @@ from trainer.loop.run_state import RunState
 from trainer.tools import analysis
 
 
-class _PerStepTable:
+class Action:
+    """The hooks, in the order the controller calls them in a loop; each a no-op here."""
+
+    def stop_reason(self) -> str | None:
+        """A line saying why the run should stop now (early stopping), or None."""
+        return None
+
+    def at_loop_start(self, step: int) -> None:
+        """Before the next loop's length is decided; `step` steps are done."""
+
+    def limit(self, step: int, num_steps: int) -> int:
+        """The next loop's length, at most `num_steps` (a loop may not cross a boundary)."""
+        return num_steps
+
+    def before_loop(self, first_step: int, last_step: int) -> None:
+        """The loop about to run steps first_step..last_step (1-based)."""
+
+    def accept(self, result: LoopResult) -> bool:
+        """False if the loop was undone (a rollback): the controller starts the next one."""
+        return True
+
+    def after_loop(self, result: LoopResult) -> None:
+        """The loop's result, once accepted."""
+
+    def after_evaluation(self, split: str, step: int, values: dict, predictions) -> None:
+        """An evaluation's values and its analysis.Predictions, from the same pass."""
+
+    def stop_requested(self, here_only: bool) -> str | None:
+        """Who asked the run to stop ("signal 15"), or None. Every worker calls it at the same
+        points (with several workers it may be a collective), unless `here_only`."""
+        return None
+
+    def before_finish(self) -> None:
+        """The loop is over; the final checkpoint is saved and the outputs come next."""
+
+    def close(self) -> None:
+        """The run ends (finished, stopped or failed)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, value in vars(cls).items():
+            if isinstance(value, types.FunctionType) and not name.startswith("_") \
+                    and name not in HOOKS:
+                raise TypeError(f"{cls.__name__}.{name} is not an action hook (hooks: "
+                                f"{', '.join(HOOKS)}); name a helper method _{name}")
+
+
+HOOKS = tuple(name for name in vars(Action) if not name.startswith("_"))
+
+
+class _PerStepTable(Action):
     """`step<TAB>value` per training step in a TSV file, appended after each loop. After a
     resume the steps since the last checkpoint appear again; the last line for a step counts.
     Subclasses name the LoopResult field (one value per step) and how a value is written and
@@ -69,7 +122,7 @@ class BatchIdsLog(_PerStepTable):
     parse = staticmethod(lambda text: [int(i) for i in text.split(",")])
 
 
-class Histograms:
+class Histograms(Action):
     """--summary_histograms: weight histograms and the mean global gradient norm per loop."""
 
     def __init__(self, state: RunState):
@@ -83,7 +136,7 @@ class Histograms:
         summaries.write_histograms(s.writers.train, result.last_step, s.model.trainable_variables)
 
 
-class ProfileWindow:
+class ProfileWindow(Action):
     """--profile_steps=A,B: a tf.profiler trace of the loops covering steps A..B (1-based),
     written to `logdir` (model_dir/train: the Profile tab)."""
 
@@ -106,7 +159,7 @@ class ProfileWindow:
             self.active = False
 
 
-class EvalFigures:
+class EvalFigures(Action):
     """The confusion matrix and misclassified gallery of each evaluated split (eval/<split>/...),
     on the chief, from the evaluation's own pass (its logits, labels and gallery images)."""
 
@@ -126,7 +179,7 @@ class EvalFigures:
                             figures.misclassified_gallery(predictions, names))
 
 
-class HighLossGallery:
+class HighLossGallery(Action):
     """--high_loss_scan=N: at each valid evaluation, the training images with the highest loss
     (inference mode, no augmentation, the evaluation pixels of --eval_crop) in a gallery titled with label and prediction
     (train/high_loss) and a table of their paths (train/high_loss_files): likely mislabelled or
@@ -174,7 +227,7 @@ class HighLossGallery:
             ["| file | label | prediction | loss |", "|---|---|---|---|"] + rows))
 
 
-class TrackBest:
+class TrackBest(Action):
     """Keeps the checkpoint of the best --best_metric (checkpoints/best/); with
     --early_stopping_patience=N asks the controller to stop after N valid evaluations without
     improvement, counting only those from --early_stopping_start on (the count is in the
@@ -224,7 +277,7 @@ def early_stopping_reason(state: RunState) -> str | None:
             f"{start}); {state.best.describe()}")
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(Action):
     """After every loop: are the loop's losses and the weights (model and optimizer) finite?
     Weights are checked each loop, so every checkpoint saved is finite. If not: `stop` ends the
     run; `rollback` restores the latest checkpoint, skips the batches from there to the end of the
@@ -238,7 +291,7 @@ class NonFiniteGuard:
         self._finite = tf.function(lambda: tf.reduce_all(
             [tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
 
-    def check(self, result: LoopResult) -> bool:
+    def accept(self, result: LoopResult) -> bool:
         """True if the loop is good; False after a rollback (the loop is undone)."""
         losses_finite = np.isfinite(result.step_losses)
         if losses_finite.all() and bool(self._finite()):
@@ -274,13 +327,13 @@ class NonFiniteGuard:
         return False
 
 
-class BackboneFreeze:
+class BackboneFreeze(Action):
     """--freeze_backbone_epochs: the head alone trains until `freeze_steps`."""
 
     def __init__(self, state: RunState, freeze_steps: int):
         self.state, self.freeze_steps, self.frozen = state, freeze_steps, False
 
-    def update(self, step: int) -> None:
+    def at_loop_start(self, step: int) -> None:
         if (step < self.freeze_steps) != self.frozen:
             self.frozen = step < self.freeze_steps
             transfer.set_backbone_trainable(self.state.model, not self.frozen)
@@ -292,13 +345,15 @@ class BackboneFreeze:
         """A loop does not cross the unfreezing step."""
         return min(num_steps, self.freeze_steps - step) if self.frozen else num_steps
 
-    def close(self) -> None:
+    def before_finish(self) -> None:
         if self.frozen:  # a run that ends frozen still saves a trainable model
             transfer.set_backbone_trainable(self.state.model, True)
             self.frozen = False
 
+    close = before_finish
 
-class StopSignal:
+
+class StopSignal(Action):
     """SIGTERM/SIGINT, recorded by the process-wide handler (trainer/errors.py INTERRUPTS,
     installed by trainer.main), are read by the controller between loops (and the finishing
     phase between its outputs): from construction to `close` a first signal is deferred to
@@ -340,6 +395,13 @@ class StopSignal:
         anywhere = bool(self._agree(tf.constant(1.0 if here else 0.0)))
         self._other = self._other or (anywhere and not here)
         return anywhere
+
+    def stop_requested(self, here_only: bool) -> str | None:
+        asked = self.received if here_only else self.requested
+        if not asked:
+            return None
+        sig = self.received[0]
+        return f"signal {sig}" if sig else "a stop signal to another worker"
 
     def close(self) -> None:
         if self._deferred is not None:

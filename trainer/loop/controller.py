@@ -4,20 +4,21 @@ runs, when to evaluate, save and stop; the runner (runner.py) runs the steps; ac
 from __future__ import annotations
 
 from trainer.errors import EXIT_PREEMPTED, Preempted
-from trainer.loop.actions import BackboneFreeze, NonFiniteGuard, StopSignal
+from trainer.loop.actions import Action
 from trainer.loop.runner import StepRunner
-from trainer.report.console import Reporter, log
 from trainer.loop.run_state import RunState
+from trainer.report.console import Reporter, log
 
 __all__ = ["Controller", "EXIT_PREEMPTED", "Preempted"]  # the last two: trainer.errors'
 
 
 class Controller:
     def __init__(self, state: RunState, runner: StepRunner, reporter: Reporter,
-                 guard: NonFiniteGuard, freeze: BackboneFreeze, stop: StopSignal,
-                 actions: list):
-        self.state, self.runner, self.reporter = state, runner, reporter
-        self.guard, self.freeze, self.stop, self.actions = guard, freeze, stop, actions
+                 actions: list[Action]):
+        for action in actions:
+            if not isinstance(action, Action):
+                raise TypeError(f"{type(action).__name__} is not an actions.Action")
+        self.state, self.runner, self.reporter, self.actions = state, runner, reporter, actions
         self.eval_every = state.config.eval_every_steps or state.plan.steps_per_epoch
         self.last_step = state.current_step  # the last step known done (for error messages)
         self.stopped_early: str | None = None  # the line saying why, when an action stopped
@@ -33,11 +34,11 @@ class Controller:
                 log(self.stopped_early)
                 return
             step = s.current_step
-            self.freeze.update(step)
+            self._each("at_loop_start", step)
             num = self._loop_length(step)
             self._each("before_loop", step + 1, step + num)
             result = self.runner.train(num)
-            if not self.guard.check(result):
+            if not all([action.accept(result) for action in self.actions]):
                 continue  # rolled back to the latest checkpoint: the loop is undone
             self.last_step = result.last_step
             self.reporter.train_loop(result)
@@ -48,8 +49,7 @@ class Controller:
             with self.reporter.overhead():
                 s.keeper.save()
                 s.writers.flush()
-            if self.stop.requested:
-                self.preempt("")
+            self.preempt_if_requested("")
 
     def evaluate(self, split: str, step: int, final: bool = False) -> tuple[dict, object]:
         """Evaluates the weights that are exported (the averages with --ema_decay) in one pass
@@ -60,24 +60,31 @@ class Controller:
         self._each("after_evaluation", split, step, values, predictions)
         return values, predictions
 
-    def preempt(self, during: str) -> None:
+    def preempt_if_requested(self, during: str, here_only: bool = False) -> None:
+        """Stop (Preempted) if an action says a stop was asked for. Every action is asked, on
+        every worker at the same points (a collective there), unless `here_only`."""
+        causes = [action.stop_requested(here_only) for action in self.actions]
+        cause = next((c for c in causes if c), None)
+        if cause:
+            self.preempt(during, cause)
+
+    def preempt(self, during: str, cause: str) -> None:
         """Save (in the loop; while finishing the final checkpoint exists) and stop."""
         s = self.state
         path = s.keeper.manager.latest_checkpoint if during else \
             s.keeper.save(force=True) or s.keeper.manager.latest_checkpoint
         if not s.chief:  # its own copy is in a scratch folder deleted at exit
             path = f"in the chief's {s.config.model_dir}"
-        sig = self.stop.received[0]
-        who = f"signal {sig}" if sig else "a stop signal to another worker"
-        log(f"stopped by {who}{during} at step {s.current_step}: "
+        log(f"stopped by {cause}{during} at step {s.current_step}: "
             f"checkpoint {path} saved; run again with the same --model_dir to "
             f"{'finish' if during else 'resume'} (exit code {EXIT_PREEMPTED})")
         raise Preempted(s.current_step)
 
+    def before_finish(self) -> None:
+        self._each("before_finish")
+
     def close(self) -> None:
         self._each("close")
-        self.freeze.close()
-        self.stop.close()
 
     def _loop_length(self, step: int) -> int:
         """Steps of the next compiled call: up to --steps_per_loop, not past the next
@@ -85,16 +92,14 @@ class Controller:
         next_eval = (step // self.eval_every + 1) * self.eval_every
         num = min(self.state.config.steps_per_loop, self.state.plan.total_steps - step,
                   next_eval - step)
-        return self.freeze.limit(step, num)
+        for action in self.actions:
+            num = action.limit(step, num)
+        return num
 
     def _stop_reason(self) -> str | None:
-        for action in self.actions:
-            reason = action.stop_reason() if hasattr(action, "stop_reason") else None
-            if reason:
-                return reason
-        return None
+        return next((reason for reason in (action.stop_reason() for action in self.actions)
+                     if reason), None)
 
     def _each(self, hook: str, *args) -> None:
         for action in self.actions:
-            if hasattr(action, hook):
-                getattr(action, hook)(*args)
+            getattr(action, hook)(*args)

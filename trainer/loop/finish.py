@@ -51,7 +51,7 @@ def finish(controller: Controller, run_start: float) -> dict:
     step, config, plan = s.current_step, s.config, s.plan
     with controller.reporter.overhead():
         s.keeper.save_at_end(step)
-    controller.freeze.close()  # a frozen backbone is unfrozen: the saved model is trainable
+    controller.before_finish()  # e.g. a frozen backbone unfrozen: the saved model trains
     weights_step, problem = _restore_best_weights(s, step) if controller.stopped_early \
         else (step, None)
     results = {"steps": step, "epochs": step / plan.steps_per_epoch, "splits": {},
@@ -176,5 +176,4 @@ def _save_model_file(s) -> str:
 
 
 def _stop_if_asked(controller: Controller, here_only: bool = False) -> None:
-    if controller.stop.received if here_only else controller.stop.requested:
-        controller.preempt(" while finishing")
+    controller.preempt_if_requested(" while finishing", here_only)

@@ -219,11 +219,10 @@ def _controller(state: RunState) -> Controller:
         f"peak lr {plan.learning_rate:g}")
     if config.early_stopping_patience:
         log(actions.describe_early_stopping(state))
-    return Controller(state, runner, reporter,
-                      actions.NonFiniteGuard(state, runner, config.on_nan),
-                      actions.BackboneFreeze(state, freeze_steps),
-                      actions.StopSignal(state.strategy, distribute.num_workers(state.strategy)),
-                      extras)
+    course = [actions.NonFiniteGuard(state, runner, config.on_nan),
+              actions.BackboneFreeze(state, freeze_steps),
+              actions.StopSignal(state.strategy, distribute.num_workers(state.strategy))]
+    return Controller(state, runner, reporter, course + extras)
 
 
 # ============================================================================================

@@ -1,0 +1,168 @@
+"""The controller and the actions in process: loop lengths, the evaluation cadence, saves, a
+stop signal, early stopping and a rollback, with a runner that advances the step counter
+instead of training (the controller's decisions are what is tested; the step is test_step's).
+
+The run state is a real RunState with a real CheckpointKeeper writing real checkpoints into a
+temporary folder; only the fields the controller reads are filled.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data import layout
+from trainer.config import Config, RunPlan
+from trainer.errors import Preempted
+from trainer.loop import actions
+from trainer.loop.actions import Action
+from trainer.loop.controller import Controller
+from trainer.loop.inputs import Inputs
+from trainer.loop.run_state import RunState
+from trainer.loop.runner import LoopResult
+from trainer.report import summaries
+from trainer.report.console import Reporter
+from trainer.report.performance import Speedometer
+from trainer.state import checkpoints, run_dir
+
+pytestmark = pytest.mark.quick
+
+
+class CountingRunner:
+    """Runs `num_steps` by adding them to the step counter; records each call."""
+
+    def __init__(self, state: RunState):
+        self.state, self.loops, self.evaluations = state, [], []
+
+    def train(self, num_steps: int) -> LoopResult:
+        first = self.state.current_step + 1
+        self.state.step.assign_add(num_steps)
+        self.loops.append((first, num_steps))
+        return LoopResult(first, num_steps, np.full(num_steps, 1.0), seconds=0.01,
+                          input_seconds=None, metrics={"loss": 1.0, "accuracy": 0.5},
+                          batch_ids=np.zeros((num_steps, 0)))
+
+    def evaluate(self, split: str):
+        step = self.state.current_step
+        self.evaluations.append((split, step))
+        return {"loss": 1.0 / step, "accuracy": 0.5, "top5_accuracy": 1.0, "images": 8}, None
+
+
+def _state(tmp_path, *, total_steps=20, steps_per_loop=4, eval_every=10, checkpoint_every=5):
+    config = Config(data_dir=str(tmp_path), model_dir=str(tmp_path), steps_per_loop=steps_per_loop,
+                    eval_every_steps=eval_every, checkpoint_every_steps=checkpoint_every)
+    plan = dataclasses.replace(RunPlan.make(config, 1, 320), total_steps=total_steps)
+    no_files = layout.SplitFiles("valid", (), ())
+    step = tf.Variable(0, dtype=tf.int64)
+    keeper = checkpoints.CheckpointKeeper(
+        str(tmp_path / run_dir.CHECKPOINT_DIR), model=tf.Module(), optimizer=tf.Module(),
+        step=step, max_to_keep=10, every_steps=checkpoint_every)
+    fields = {f.name: None for f in dataclasses.fields(RunState)}
+    return RunState(**dict(fields, config=config, plan=plan, chief=True, work_dir=str(tmp_path),
+                           inputs=Inputs(["a", "b"], no_files, {"valid": no_files}),
+                           step=step, skipped_batches=tf.Variable(0, dtype=tf.int64),
+                           keeper=keeper, writers=summaries.Summaries(None)))
+
+
+def _controller(state, extra_actions=()):
+    reporter = Reporter(state.plan, state.writers, Speedometer(1.0, 1e15),
+                        input_is_upper_bound=False, learning_rate=lambda step: 0.1)
+    runner = CountingRunner(state)
+    return Controller(state, runner, reporter, list(extra_actions)), runner
+
+
+def _saved_steps(state) -> list[int]:
+    return [run_dir.SavedRun.checkpoint_step(path)
+            for path in state.keeper.manager.checkpoints]
+
+
+def test_loops_stop_at_evaluations_and_the_end_and_saves_follow_the_interval(tmp_path):
+    state = _state(tmp_path, total_steps=23, steps_per_loop=4, eval_every=10,
+                   checkpoint_every=5)
+    controller, runner = _controller(state)
+    controller.train()
+    # 4-step loops, cut at the evaluations (10, 20) and at the end (23)
+    assert runner.loops == [(1, 4), (5, 4), (9, 2), (11, 4), (15, 4), (19, 2), (21, 3)]
+    assert runner.evaluations == [("valid", 10), ("valid", 20)]  # none at the last step
+    # a save at the first loop end at least 5 steps after the previous save
+    assert _saved_steps(state) == [4, 10, 18, 23]
+    assert state.current_step == 23
+
+
+def test_a_stop_signal_saves_at_the_loop_end_and_raises_preempted(tmp_path):
+    state = _state(tmp_path, checkpoint_every=100)
+
+    class SignalAtStep(Action):
+        def stop_requested(self, here_only):
+            return "signal 15" if state.current_step >= 6 else None
+
+    controller, runner = _controller(state, [SignalAtStep()])
+    with pytest.raises(Preempted) as stopped:
+        controller.train()
+    assert stopped.value.step == 8 and runner.loops == [(1, 4), (5, 4)]
+    assert _saved_steps(state)[-1] == 8  # saved although the interval (100) had not passed
+
+
+def test_an_action_stops_the_run_early_and_limits_and_undoes_loops(tmp_path):
+    state = _state(tmp_path, total_steps=40, steps_per_loop=4, eval_every=10)
+    undone = []
+
+    class Course(Action):
+        def limit(self, step, num_steps):
+            return min(num_steps, 3)  # as the backbone freeze does at its boundary
+
+        def accept(self, result):
+            if result.first_step == 4 and not undone:  # as a rollback does: undo this loop
+                undone.append(result.first_step)
+                state.step.assign_sub(result.num_steps)
+                return False
+            return True
+
+        def stop_reason(self):
+            return "early stop at 20" if state.current_step >= 20 else None
+
+    seen = []
+
+    class Record(Action):
+        def after_loop(self, result):
+            seen.append(result.first_step)
+
+    controller, runner = _controller(state, [Course(), Record()])
+    controller.train()
+    assert runner.loops[:4] == [(1, 3), (4, 3), (4, 3), (7, 3)]
+    assert 4 in seen and seen.count(4) == 1  # the undone loop reached no other action
+    assert controller.stopped_early == "early stop at 20" and state.current_step == 20
+
+
+def test_a_misspelt_hook_is_an_error_when_the_action_is_defined():
+    with pytest.raises(TypeError, match="after_evaluaton is not an action hook"):
+        class Typo(Action):  # noqa: F841
+            def after_evaluaton(self, split, step, values, predictions):
+                pass
+
+    class Fine(Action):
+        def after_evaluation(self, split, step, values, predictions):
+            pass
+
+        def _helper(self):
+            pass
+    assert Fine().stop_reason() is None
+
+
+def test_the_controller_takes_only_actions(tmp_path):
+    class NotAnAction:
+        def after_loop(self, result):
+            pass
+    state = _state(tmp_path)
+    with pytest.raises(TypeError, match="NotAnAction is not an actions.Action"):
+        _controller(state, [NotAnAction()])
+
+
+def test_every_action_of_the_trainer_is_an_action():
+    defined = [value for value in vars(actions).values()
+               if isinstance(value, type) and value.__module__ == actions.__name__
+               and value is not Action and not value.__name__.startswith("_")]
+    assert len(defined) >= 10
+    assert all(issubclass(cls, Action) for cls in defined), defined
