@@ -149,9 +149,18 @@ def sync_from_s3(config: Config, log) -> str:
     log(f"syncing {config.data_dir} to {local}")
     try:
         summary = s3.sync(config.data_dir, local, anon=config.s3_anon,
-                          endpoint_url=config.s3_endpoint_url, progress=False, log=log)
+                          endpoint_url=config.s3_endpoint_url, progress=False, log=log,
+                          delete_removed=config.s3_delete_removed)
     except s3.S3SyncError as e:
-        raise TrainingError(f"--data_dir: {e}") from None
+        # A complete local copy (the record of a sync that finished) needs no server: a
+        # restart while S3 is down goes on with it; a first start, or a copy cut off, cannot.
+        record = s3.read_sync_record(local, f"s3://{bucket}/{prefix}") if e.unreachable \
+            else None
+        if record is None:
+            raise TrainingError(f"--data_dir: {e}") from None
+        log(f"could not check S3 for changes: {e}; training on the local copy from "
+            f"{record.get('finished', '?')} ({record.get('files', '?')} files in {local})")
+        return local
     log(summary.describe())
     if not summary.ok:
         raise TrainingError(f"--data_dir: {summary.failed} file(s) of {config.data_dir} failed "
