@@ -264,15 +264,13 @@ def test_a_restart_with_a_complete_local_copy_trains_while_s3_is_down(demo_dir, 
     assert len(fallback) == 1, lines
     assert f"training on the local copy from {record['finished']}" in fallback[0]
     assert "cannot connect to" in fallback[0]
-    # A first start (no local copy), or a copy whose sync did not finish: one line, no data.
-    for cache in (tmp_path / "empty-cache", tmp_path / "cache"):
-        if cache.name == "cache":
-            (Path(local) / s3.SYNC_RECORD).unlink()
-        with pytest.raises(inputs.TrainingError) as failed:
-            inputs.sync_from_s3(dataclasses.replace(config, data_cache_dir=str(cache)),
-                                lines.append)
-        assert str(failed.value).startswith("--data_dir: s3://down-test/birds/: cannot connect")
-        assert "\n" not in str(failed.value)
+    # A first start (no local copy; also a copy without the record, see the next test): one
+    # line, exit 1 in the trainer.
+    with pytest.raises(inputs.TrainingError) as failed:
+        inputs.sync_from_s3(dataclasses.replace(config, data_cache_dir=str(tmp_path / "new")),
+                            lines.append)
+    assert str(failed.value).startswith("--data_dir: s3://down-test/birds/: cannot connect")
+    assert "\n" not in str(failed.value)
     print(f"restart with S3 down: went on after {seconds:.1f} s")
 
 
@@ -304,3 +302,20 @@ def test_files_removed_from_the_bucket_are_kept_or_deleted(s3_server, demo_dir, 
     again = s3.sync("s3://removed-test/birds", str(dest), **options, delete_removed=True)
     assert again.not_in_bucket == 0 and again.skipped == 10
     assert "no longer in the bucket" not in again.describe()
+
+
+def test_a_sync_that_does_not_finish_leaves_no_completion_record(s3_server, demo_dir, tmp_path):
+    source = copy_splits(demo_dir, tmp_path / "source", per_class=1, classes=2)
+    _upload_small_dataset(s3_server, "unfinished-test", source)
+    dest = tmp_path / "copy"
+    options = dict(anon=True, endpoint_url=s3_server.endpoint_url, progress=False)
+    assert s3.sync("s3://unfinished-test/birds", str(dest), **options).ok
+    assert s3.read_sync_record(str(dest), "s3://unfinished-test/birds/") is not None
+    # New objects: one to fetch, one whose key is refused (named like a temporary download
+    # file): the copy is changed and not complete, so it must not claim to be.
+    image = next((source / "train").rglob("*.jpg")).read_bytes()
+    s3_server.put_objects("unfinished-test", {"birds/train/new/new.jpg": image,
+                                              "birds/train/new/.x.jpg.part-0123abcd": image})
+    summary = s3.sync("s3://unfinished-test/birds", str(dest), **options)
+    assert summary.downloaded == 1 and not summary.ok
+    assert s3.read_sync_record(str(dest)) is None
