@@ -2,7 +2,7 @@
 files training can read.
 
     python -m data.check --data_dir=DIR [--skip_unknown_classes] [--on_bad_file=skip|fail]
-                         [--json=PATH] [--no_cache]
+                         [--max_image_pixels=N] [--json=PATH] [--no_cache]
 
 prints, per split: classes, readable images per class (min/median/max), image sizes and formats
 seen, classes present in one split and not another, every file left out with its reason, then the
