@@ -27,13 +27,14 @@ class FingerprintError(ValueError):
 
 
 def make_folder(data_dir: str, splits: dict, file_info: dict[str, tuple[int, str]]) -> dict:
-    """The fingerprint of image-folder data: `splits` name -> SplitFiles (absolute or
-    data_dir-relative paths), `file_info` relative path -> (size, bytes fingerprint)."""
+    """The fingerprint of image-folder data: `splits` name -> SplitFiles (paths under
+    `data_dir`, as the data check gives them), `file_info` path relative to `data_dir` ->
+    (size, bytes fingerprint)."""
     result = {}
     for name, split in sorted(splits.items()):
         files = {}
         for path in split.files:
-            rel = os.path.relpath(path, data_dir) if os.path.isabs(path) else path
+            rel = os.path.relpath(path, data_dir)
             size, digest = file_info[rel]
             files[rel] = [size, digest]
         result[name] = files
