@@ -213,9 +213,17 @@ def test_the_trainer_refuses_a_changed_dataset_and_accepts_it_when_allowed(small
     shutil.copytree(small_demo_dir, data)
     flags = (f"--data_dir={data}", f"--model_dir={run}", *FAST_DEMO_FLAGS, "--train_steps=2",
              "--steps_per_loop=2", "--distribution_strategy=one_device", "--noexport_at_end",
-             "--noeval_figures", "--high_loss_scan=0")
+             "--noeval_figures", "--high_loss_scan=0", "--max_image_pixels=1000000")
     run_trainer(*flags)
     assert (run / fingerprint.FILE_NAME).is_file()
+    # trainer.evaluate applies the run's --max_image_pixels (1,000,000, not the default).
+    from trainer import evaluate
+    from trainer.state.run_dir import SavedRun
+    test_class = sorted((data / "test").iterdir())[0]
+    write_flat_jpeg(test_class / "large.jpg", 2000, 1000)
+    evaluated = evaluate._split_files(str(data), SavedRun.load(str(run)), "test")
+    assert str(test_class / "large.jpg") not in evaluated.files and len(evaluated) == 80
+    (test_class / "large.jpg").unlink()
     class_dir = sorted((data / "train").iterdir())[0]
     shutil.copy(sorted(class_dir.iterdir())[0], class_dir / "added.jpg")
     start = time.monotonic()
