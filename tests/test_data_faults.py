@@ -67,6 +67,7 @@ def huge_images(demo_dir, tmp_path):
     return data
 
 
+@pytest.mark.quick
 def test_images_over_the_pixel_limit_are_bad_files_never_decoded(huge_images, tmp_path):
     train_class = sorted((huge_images / "train").iterdir())[0].name
     assert (huge_images / "train" / train_class / "huge.png").stat().st_size < 100_000
@@ -96,6 +97,7 @@ def test_images_over_the_pixel_limit_are_bad_files_never_decoded(huge_images, tm
     print(f"rescan with two 6-megapixel decodes and the 400-megapixel refusal: {seconds:.2f} s")
 
 
+@pytest.mark.quick
 def test_the_decoders_of_caches_and_evaluation_refuse_an_image_over_the_limit(huge_images):
     import tensorflow as tf
     from data import datasets, decode
@@ -137,6 +139,7 @@ def _config(data: Path, model_dir: Path, **changes):
                                       image_size=32), **changes)
 
 
+@pytest.mark.quick
 def test_a_changed_dataset_under_a_resume_is_refused_or_accepted(demo_dir, tmp_path):
     from trainer.loop import inputs
     data, run = copy_splits(demo_dir, tmp_path / "data"), tmp_path / "run"
@@ -191,6 +194,7 @@ def test_a_changed_dataset_under_a_resume_is_refused_or_accepted(demo_dir, tmp_p
                                   lines.append)
 
 
+@pytest.mark.quick
 def test_a_changed_packed_dataset_is_seen(tmp_path):
     from data.source import Manifest, Shard
     from data.layout import SplitFiles
