@@ -2,7 +2,7 @@
 files training can read.
 
     python -m data.check --data_dir=DIR [--skip_unknown_classes] [--on_bad_file=skip|fail]
-                         [--json=PATH] [--no_cache]
+                         [--max_image_pixels=N] [--json=PATH] [--no_cache]
 
 prints, per split: classes, readable images per class (min/median/max), image sizes and formats
 seen, classes present in one split and not another, every file left out with its reason, then the
@@ -22,7 +22,9 @@ What is ignored (listed, never read): hidden files and folders (``.DS_Store``), 
 is not an image name (``.jpg .jpeg .png .gif .bmp``), files at the dataset root (``birds.csv``)
 or directly in a split folder, root folders other than train/valid/test, and sub-folders of a
 class folder. What is left out as a bad file: empty files, truncated or corrupt images, HTML or
-text pages named ``.jpg``, formats TensorFlow cannot decode (TIFF, 1-bit BMP).
+text pages named ``.jpg``, formats TensorFlow cannot decode (TIFF, 1-bit BMP), and images whose
+header states more than ``--max_image_pixels`` pixels (data/pixels.py: never decoded, so a small
+file that decodes to a huge image cannot exhaust memory).
 
 This module never imports absl (data/ is below the trainer).
 """
@@ -39,7 +41,7 @@ import re
 import statistics
 import sys
 
-from data import layout
+from data import layout, pixels
 from data.files import atomic_write_text
 from data.progress import Progress
 
@@ -304,6 +306,9 @@ class ScanResult:
     class_names: list[str]
     splits: dict[str, layout.SplitFiles]  # readable files only, labelled by `class_names`
     report: Report
+    # path relative to data_dir -> (size in bytes, 64-bit fingerprint of the bytes) of every
+    # readable file: what data/fingerprint.py keeps of a run's data
+    file_info: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
 
 # ============================================================================================
@@ -581,11 +586,23 @@ def decode_status(paths: list[str], log=None) -> list[FileStatus]:
     return results
 
 
+def _within_limit(status: FileStatus, max_pixels: int | None) -> FileStatus:
+    """A cached readable file over a (now lower) --max_image_pixels becomes a bad file; the
+    cache keeps what decoding gave, for a later higher limit."""
+    if status.ok and max_pixels and status.width * status.height > max_pixels:
+        return FileStatus(False, status.width, status.height, status.format,
+                          pixels.describe_over_limit(status.width, status.height, max_pixels))
+    return status
+
+
 def _statuses(data_dir: str, rel_paths: list[str], cache_path: str | None,
-              log) -> tuple[dict[str, FileStatus], int, int]:
+              log, max_pixels: int | None = None
+              ) -> tuple[dict[str, FileStatus], int, int, dict[str, int]]:
+    """Each file's status (from the cache, or decoded; files whose header states more than
+    `max_pixels` are never decoded), the counts decoded and cached, and each file's size."""
     decoder = _decoder_id()
     cache = _load_cache(cache_path, decoder)
-    entries, todo, stats, hits = {}, [], {}, 0
+    entries, todo, stats, hits, over = {}, [], {}, 0, set()
     for rel in rel_paths:
         if not _is_utf8(rel):
             entries[rel] = FileStatus(False, format="unreadable", reason=(
@@ -600,8 +617,13 @@ def _statuses(data_dir: str, rel_paths: list[str], cache_path: str | None,
             continue
         hit = cache.get(rel)
         if hit and hit[:2] == stats[rel]:
-            entries[rel] = FileStatus(*hit[2:])
+            entries[rel] = _within_limit(FileStatus(*hit[2:]), max_pixels)
             hits += 1
+        elif reason := pixels.over_limit(os.path.join(data_dir, rel), max_pixels):
+            # Not decoded, and not cached: a higher limit later decodes it.
+            entries[rel] = FileStatus(False, format=sniff_format(_head(data_dir, rel)),
+                                      reason=reason)
+            over.add(rel)
         else:
             todo.append(rel)
     if todo and log and len(todo) >= 1000:
@@ -609,10 +631,19 @@ def _statuses(data_dir: str, rel_paths: list[str], cache_path: str | None,
             f"({hits} cached)...")
     for rel, status in zip(todo, decode_status([os.path.join(data_dir, r) for r in todo], log)):
         entries[rel] = status
-    new_cache = {rel: stats[rel] + entries[rel].to_list() for rel in rel_paths if rel in stats}
+    decoded_now = set(todo)
+    new_cache = {rel: stats[rel] + (entries[rel].to_list() if rel in decoded_now
+                                    else cache[rel][2:])
+                 for rel in rel_paths if rel in stats and rel not in over}
     if todo or set(new_cache) != set(cache):
         _save_cache(cache_path, decoder, new_cache)
-    return entries, len(todo), hits
+    return entries, len(todo), hits, {rel: st[0] for rel, st in stats.items()}
+
+
+def _head(data_dir: str, rel: str) -> bytes:
+    with contextlib.suppress(OSError), open(os.path.join(data_dir, rel), "rb") as f:
+        return f.read(512)
+    return b""
 
 
 # ============================================================================================
@@ -690,11 +721,13 @@ def _split_findings(data_dir: str, report: SplitReport, has_files: bool,
 
 def scan(data_dir: str, class_names: list[str] | None = None, *,
          skip_unknown_classes: bool = False, on_bad_file: str = "skip",
-         cache_path: str | None = None, log=None) -> ScanResult:
+         cache_path: str | None = None, log=None,
+         max_image_pixels: int | None = pixels.DEFAULT_MAX_IMAGE_PIXELS) -> ScanResult:
     """Scan `data_dir`: the readable files of each split, labelled by name from `class_names`
     (default: the train folder names), and the report. Problems that stop training are in
     `report.errors` (the caller decides); a missing dataset, or a missing train split when
-    `class_names` is not given, raises LayoutError."""
+    `class_names` is not given, raises LayoutError. Files whose header states more than
+    `max_image_pixels` pixels are bad files, never decoded (data/pixels.py)."""
     if on_bad_file not in ON_BAD_FILE:
         raise ValueError(f"on_bad_file must be one of {ON_BAD_FILE}, not {on_bad_file!r}")
     if not os.path.isdir(data_dir):
@@ -713,7 +746,8 @@ def scan(data_dir: str, class_names: list[str] | None = None, *,
                 if os.path.isdir(os.path.join(data_dir, split))}
     candidates = [rel for listing in listings.values() for files in listing.classes.values()
                   for rel in files]
-    statuses, decoded, cached = _statuses(data_dir, candidates, cache_path, log)
+    statuses, decoded, cached, sizes = _statuses(data_dir, candidates, cache_path, log,
+                                                 max_image_pixels)
 
     errors = [f"--data_dir={data_dir}: has no {split}/ split folder"
               for split in REQUIRED_SPLITS if split not in listings]
@@ -746,7 +780,9 @@ def scan(data_dir: str, class_names: list[str] | None = None, *,
                         f"duplicates in the data report")
     report = Report(os.path.abspath(data_dir), reports, root_ignored, errors, warnings,
                     decoded, cached, duplicates)
-    return ScanResult(class_names, split_files, report)
+    file_info = {rel: (sizes[rel], status.digest) for rel, status in statuses.items()
+                 if status.ok}
+    return ScanResult(class_names, split_files, report, file_info)
 
 
 # ============================================================================================
@@ -762,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on_bad_file", choices=ON_BAD_FILE, default="skip",
                         help="as the trainer flag: skip bad files (default) or count them as an "
                              "error")
+    parser.add_argument("--max_image_pixels", type=int, default=pixels.DEFAULT_MAX_IMAGE_PIXELS,
+                        help="as the trainer flag: images whose header states more pixels are "
+                             "bad files, never decoded (default: %(default)s; 0: no limit)")
     parser.add_argument("--json", help="also write the report as JSON to this path")
     parser.add_argument("--no_cache", action="store_true",
                         help=f"decode every file; do not read or write DATA_DIR/{CACHE_NAME}")
@@ -783,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = scan(args.data_dir, skip_unknown_classes=args.skip_unknown_classes,
                       on_bad_file=args.on_bad_file, cache_path=cache_path,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+                      log=lambda m: print(m, file=sys.stderr, flush=True),
+                      max_image_pixels=args.max_image_pixels)
     except layout.LayoutError as e:
         print(f"data.check: {e}", file=sys.stderr)
         return 1

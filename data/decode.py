@@ -21,6 +21,64 @@ import math
 
 import tensorflow as tf
 
+from data import pixels
+
+# The pixel-count limit every decode here applies before decoding (--max_image_pixels; the
+# trainer and trainer.evaluate set it from the run's config with `set_max_pixels`). The data
+# check refuses such files first (data/pixels.py, in Python); this guard keeps a file that grew
+# after the check (or a serving request) from being decoded at full size: it fails as a
+# decode error (InvalidArgumentError), not as a process killed for memory.
+_max_pixels = pixels.DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_pixels(max_pixels: int | None) -> None:
+    """The limit of the decoders traced from now on (0 or None: none)."""
+    global _max_pixels
+    _max_pixels = int(max_pixels or 0)
+
+
+def _le(raw: tf.Tensor, start: int, count: int) -> tf.Tensor:
+    """The little-endian unsigned integer of bytes [start, start + count) of uint8 `raw`."""
+    value = tf.constant(0, tf.int64)
+    for i in reversed(range(count)):
+        value = value * 256 + tf.cast(raw[start + i], tf.int64)
+    return value
+
+
+def _be(raw: tf.Tensor, start: int, count: int) -> tf.Tensor:
+    value = tf.constant(0, tf.int64)
+    for i in range(count):
+        value = value * 256 + tf.cast(raw[start + i], tf.int64)
+    return value
+
+
+def header_pixels(image_bytes: tf.Tensor) -> tf.Tensor:
+    """int64 width * height stated by a JPEG, PNG, GIF or BMP header (0 for other formats),
+    read without decoding (the graph twin of data/pixels.py's header_size)."""
+    raw = tf.io.decode_raw(tf.strings.substr(tf.strings.join([
+        tf.strings.substr(image_bytes, 0, 32), b"\0" * 32]), 0, 32), tf.uint8)
+    magic = tf.strings.substr(image_bytes, 0, 4)
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
+        return shape[0] * shape[1]
+
+    def bmp():
+        width, height = _le(raw, 18, 4), _le(raw, 22, 4)
+        # int32 fields: a negative height is a top-down BMP
+        width = tf.where(width >= 2 ** 31, 2 ** 32 - width, width)
+        height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)
+        return width * height
+
+    return tf.case([
+        (tf.equal(tf.strings.substr(magic, 0, 3), b"\xff\xd8\xff"), jpeg),
+        (tf.equal(magic, b"\x89PNG"), lambda: _be(raw, 16, 4) * _be(raw, 20, 4)),
+        (tf.equal(tf.strings.substr(magic, 0, 3), b"GIF"),
+         lambda: _le(raw, 6, 2) * _le(raw, 8, 2)),
+        (tf.equal(tf.strings.substr(magic, 0, 2), b"BM"), bmp)],
+        default=lambda: tf.constant(0, tf.int64), exclusive=False)
+
+
 def _bmp_palette_lookup(image_bytes: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
     """TensorFlow's BMP decoder returns the palette *indices* of an 8-bit BMP as grey levels;
     map them through the file's colour table (BGRA entries after the DIB header)."""
@@ -38,8 +96,15 @@ def decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
     """Encoded JPEG (incl. grayscale and CMYK), PNG (grey, palette, RGBA, 16-bit), GIF (first
     frame), BMP (incl. 8-bit palette) or WebP bytes, whatever the file name says -> uint8
     [height, width, 3]. Raises tf.errors.InvalidArgumentError for anything else (empty files,
-    truncated JPEGs, HTML pages); data/check.py runs this very function to find such files."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    truncated JPEGs, HTML pages, and images whose header states more pixels than the limit of
+    `set_max_pixels`); data/check.py runs this very function to find such files."""
+    checks = []
+    if _max_pixels:
+        checks.append(tf.debugging.assert_less_equal(
+            header_pixels(image_bytes), tf.constant(_max_pixels, tf.int64),
+            message=f"image over --max_image_pixels={_max_pixels} (not decoded)"))
+    with tf.control_dependencies(checks):
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     # The first 30 bytes, zero-padded (a valid GIF can be shorter): "BM" and 8 bits per pixel.
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, 30),

@@ -1,11 +1,12 @@
 """Download a dataset from S3 to a local folder, incrementally and resumably.
 
     python -m data.download --source=s3://BUCKET/PREFIX --dest=DIR [--s3_anon]
-        [--s3_endpoint_url=URL] [--workers=N] [--no_progress]
+        [--s3_endpoint_url=URL] [--workers=N] [--no_progress] [--s3_delete_removed]
 
 Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 AWS_PROFILE, ~/.aws/...); --s3_anon reads a public bucket without any. Run it again to resume or
-update: complete files are skipped. Exit status: 0 when every object is present locally, 1 when
+update: complete files are skipped. Local files no longer in the bucket are counted in the
+summary line and kept, or deleted with --s3_delete_removed. Exit status: 0 when every object is present locally, 1 when
 the sync failed or some objects failed or were refused (one line on stderr says which), 2 for
 usage errors, 130 when interrupted.
 """
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "or AWS_ENDPOINT_URL)")
     parser.add_argument("--workers", type=_positive_int, default=16,
                         help="parallel transfers (default: %(default)s)")
+    parser.add_argument("--s3_delete_removed", action="store_true",
+                        help="delete local files (not hidden ones) that are no longer in the "
+                             "bucket (default: keep them; the summary says how many)")
     parser.add_argument("--no_progress", action="store_true",
                         help="no progress bar (the summary line is still printed)")
     return parser
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = s3.sync(args.source, args.dest, anon=args.s3_anon,
                           endpoint_url=args.s3_endpoint_url, workers=args.workers,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress,
+                          delete_removed=args.s3_delete_removed)
     except s3.S3SyncError as error:
         print(f"download: {error}", file=sys.stderr)
         return 1

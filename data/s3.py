@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
 import sys
 import time
 
+from data.files import atomic_write_text, fsync_path
 from data.progress import Progress
 
 CHUNK_SIZE = 1 << 20
@@ -44,11 +47,15 @@ FATAL_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUO
 class S3SyncError(Exception):
     """The sync could not run or was cut off; str() is a one-line message naming the URL.
 
-    `summary` holds what was done before the error (None if nothing was listed yet)."""
+    `summary` holds what was done before the error (None if nothing was listed yet);
+    `unreachable` is True when the server could not be reached (or did not answer) before
+    anything was listed: the local copy is as the last sync left it."""
 
-    def __init__(self, message: str, summary: "SyncSummary | None" = None):
+    def __init__(self, message: str, summary: "SyncSummary | None" = None,
+                 unreachable: bool = False):
         super().__init__(message)
         self.summary = summary
+        self.unreachable = unreachable
 
 
 class UnsafeKeyError(ValueError):
@@ -64,13 +71,16 @@ class SyncSummary:
     seconds: float
     refused: list[str]  # keys refused for path safety (nothing written for them)
     failures: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> cause
+    not_in_bucket: int = 0  # local files (not hidden) no longer in the bucket
+    deleted_removed: bool = False  # ... and deleted by this sync (delete_removed)
 
     @property
     def ok(self) -> bool:
         """True when every listed object is now present locally."""
         return not self.failed and not self.refused
 
-    def describe(self) -> str:
+    def describe(self, delete_option: str = "--s3_delete_removed") -> str:
+        """One line; `delete_option` names the caller's option of `delete_removed`."""
         mb = self.bytes / 1e6
         seconds = max(self.seconds, 1e-9)
         line = (f"downloaded {self.downloaded}, skipped {self.skipped}, failed {self.failed}, "
@@ -78,6 +88,11 @@ class SyncSummary:
                 f"({self.downloaded / seconds:.0f} files/s, {mb / seconds:.1f} MB/s)")
         if self.refused:
             line += f", refused {len(self.refused)} unsafe keys"
+        if self.not_in_bucket:
+            files = f"{self.not_in_bucket} local file{'s' if self.not_in_bucket != 1 else ''}"
+            line += (f"; {files} no longer in the bucket: deleted ({delete_option})"
+                     if self.deleted_removed else
+                     f"; {files} no longer in the bucket: kept ({delete_option} deletes them)")
         return line
 
 
@@ -158,6 +173,70 @@ def remove_stale_temp_files(dest: str) -> int:
                 except OSError:
                     pass  # gone already, or not ours to delete: never counted as data anyway
     return removed
+
+
+# Written into the destination by a sync that left every listed object present locally, removed
+# before a sync changes any file: a restart that cannot reach the server may train on a copy
+# that has it (trainer/loop/inputs.py). Hidden, so the dataset scanner never lists it.
+SYNC_RECORD = ".s3_sync_complete.json"
+
+
+def read_sync_record(dest: str, source: str | None = None) -> dict | None:
+    """The completion record of the last sync into `dest` (of `source`, when given), or None
+    when there is none: the copy is incomplete, or being changed, or was never synced."""
+    try:
+        with open(os.path.join(dest, SYNC_RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or (source is not None and record.get("source") != source):
+        return None
+    return record
+
+
+def _remove_sync_record(dest: str) -> None:
+    try:
+        os.unlink(os.path.join(dest, SYNC_RECORD))
+        fsync_path(dest)
+    except FileNotFoundError:
+        pass
+
+
+def _write_sync_record(dest: str, source: str, objects: list) -> None:
+    finished = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    atomic_write_text(os.path.join(dest, SYNC_RECORD), json.dumps(
+        {"source": source, "finished": finished, "files": len(objects),
+         "bytes": sum(obj.size for obj in objects)}))
+
+
+def local_files_not_in(dest: str, objects: list) -> list[str]:
+    """Files under `dest` that no listed object maps to, hidden ones (temporary downloads, the
+    sync record, the data check's cache) and those in hidden folders left out; sorted."""
+    listed = {os.path.normpath(obj.path) for obj in objects}
+    found = []
+    for folder, dirs, names in os.walk(dest):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(folder, name) for name in names
+                  if not name.startswith(".") and
+                  os.path.normpath(os.path.join(folder, name)) not in listed]
+    return sorted(found)
+
+
+def _delete_local(dest: str, paths: list[str]) -> None:
+    """Deletes `paths`, then the folders under `dest` they leave empty (a removed class)."""
+    folders = set()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        folders.add(os.path.dirname(path))
+    root = os.path.abspath(dest)
+    for folder in sorted(folders, key=len, reverse=True):
+        while os.path.abspath(folder) != root and folder.startswith(root):
+            try:
+                os.rmdir(folder)  # only when empty
+            except OSError:
+                break
+            folder = os.path.dirname(folder)
 
 
 def file_md5(path: str) -> str:
@@ -483,14 +562,16 @@ def _download(fs, bucket: str, to_fetch: list[_Object], workers: int, max_attemp
 def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None = None,
          key: str | None = None, secret: str | None = None, workers: int = 16,
          progress: bool = True, connect_timeout: float = 5, read_timeout: float = 20,
-         max_attempts: int = 2, log=None) -> SyncSummary:
+         max_attempts: int = 2, log=None, delete_removed: bool = False) -> SyncSummary:
     """Copies every object under ``s3://BUCKET/PREFIX`` to ``dest/<key relative to prefix>``.
 
     Credentials: `anon` for public buckets; else `key`/`secret` if given; else the standard
     AWS chain (environment variables, ~/.aws, instance roles). `endpoint_url` selects an
     S3-compatible server. `workers` transfers run at once. With `progress`, a tqdm bar and a
     final summary line go to stderr; with `log`, a progress line every few seconds goes there.
-    Raises S3SyncError (see module doc)."""
+    Local files (not hidden) that no object maps to are counted in the summary, and deleted
+    with `delete_removed`. When every object is then present locally, SYNC_RECORD is written
+    (`read_sync_record`). Raises S3SyncError (see module doc)."""
     start = time.monotonic()
     try:
         bucket, prefix = parse_s3_url(source)
@@ -524,7 +605,9 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
         endpoint = endpoint_url or getattr(fs.s3.meta, "endpoint_url", None) or "AWS S3"
         listing = fsspec.asyn.sync(fs.loop, _list_objects, fs, bucket, prefix)
     except Exception as error:  # noqa: BLE001 - every cause becomes one line
-        raise fail(error) from None
+        unreachable = _is_unreachable(error) or _is_transfer_error(error) or \
+            isinstance(error, _botocore_exceptions().ReadTimeoutError)
+        raise S3SyncError(f"{url}: {describe(error)}", unreachable=unreachable) from None
 
     objects, refused = _objects_of_listing(listing, prefix, dest)
     if not objects and not refused:
@@ -535,12 +618,18 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
         up_to_date = list(pool.map(is_up_to_date, objects))
     to_fetch = [obj for obj, done in zip(objects, up_to_date) if not done]
     skipped = len(objects) - len(to_fetch)
+    not_in_bucket = local_files_not_in(dest, objects)
+    if to_fetch or (delete_removed and not_in_bucket):
+        _remove_sync_record(dest)  # the copy is changing: not complete until the end
+    if delete_removed:
+        _delete_local(dest, not_in_bucket)
 
     state = _download(fs, bucket, to_fetch, workers, max_attempts, progress, describe, log)
     result = SyncSummary(downloaded=state.downloaded, skipped=skipped,
                          failed=len(state.failures), bytes=state.bytes,
                          seconds=time.monotonic() - start, refused=refused,
-                         failures=dict(state.failures))
+                         failures=dict(state.failures), not_in_bucket=len(not_in_bucket),
+                         deleted_removed=delete_removed)
     error = state.abort
     if isinstance(error, OSError) and error.errno in FATAL_LOCAL_ERRNOS:
         raise S3SyncError(f"{url}: cannot write under {dest}: {error.strerror or error}; "
@@ -550,6 +639,8 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
         raise fail(error, result,
                    context=(f"stopped after {result.downloaded + skipped} of {len(objects)} "
                             f"files (kept; run again to resume): ")) from None
+    if result.ok:
+        _write_sync_record(dest, url, objects)
     if progress:
         print(f"{url}: {result.describe()}", file=sys.stderr)
     return result

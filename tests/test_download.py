@@ -46,9 +46,10 @@ def _jpegs(count: int, size: int, seed: int) -> list[bytes]:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file under root."""
+    """{relative path: bytes} of every file under root but the sync's completion record."""
     return {path.relative_to(root).as_posix(): path.read_bytes()
-            for path in sorted(root.rglob("*")) if path.is_file()}
+            for path in sorted(root.rglob("*"))
+            if path.is_file() and path.relative_to(root).as_posix() != s3.SYNC_RECORD}
 
 
 def _temp_files(root: Path) -> list[Path]:
@@ -58,7 +59,8 @@ def _temp_files(root: Path) -> list[Path]:
 def _complete_files(root: Path) -> int:
     count = 0
     for _, _, files in os.walk(root):
-        count += sum(1 for name in files if not s3.TEMP_PATTERN.match(name))
+        count += sum(1 for name in files
+                     if not s3.TEMP_PATTERN.match(name) and name != s3.SYNC_RECORD)
     return count
 
 

@@ -13,6 +13,8 @@ import dataclasses
 import json
 import math
 
+from data.pixels import DEFAULT_MAX_IMAGE_PIXELS
+
 # --best_metric choices (split/value of an evaluation) and which way is better.
 BEST_METRICS = {"valid/accuracy": "max", "valid/loss": "min", "valid/balanced_accuracy": "max"}
 
@@ -30,6 +32,7 @@ class Config:
     random_flip: bool = True
     skip_unknown_classes: bool = False
     on_bad_file: str = 'skip'
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are bad files, not decoded
     # Model
     model: str = 'resnet50'
     fused_batchnorm: bool = True
@@ -70,6 +73,7 @@ class Config:
     data_cache_dir: str = 'dataset'
     s3_anon: bool = False
     s3_endpoint_url: str | None = None
+    s3_delete_removed: bool = False  # the sync deletes local files no longer in the bucket
     data_service: str = ''  # grpc://HOST:PORT of a tf.data service dispatcher, or ""
     synthetic_data: bool = False
     synthetic_classes: int = 1000

@@ -96,6 +96,8 @@ def evaluate_run(model_dir: str, *, split: str = "test", data_dir: str | None = 
     model = restore_model(run, checkpoint)
     batch_size = batch_size or run.eval_batch_size
     eval_crop = run.eval_crop if eval_crop is None else float(eval_crop)
+    from data import decode
+    decode.set_max_pixels(_max_image_pixels(run))  # the run's limit, before anything decodes
     data = source.open_source(data_dir, cache_dir=run.model_dir)
     predictions = analysis.predict_split(
         model, files.files, files.labels, image_size=run.image_size, batch_size=batch_size,
@@ -130,6 +132,12 @@ def _print_summary(report, run, checkpoint, step, data_dir, split, tta, eval_cro
           f"in {os.path.join(run.model_dir, 'eval')}")
 
 
+def _max_image_pixels(run: SavedRun) -> int:
+    """The run's --max_image_pixels (the default for runs from before the flag)."""
+    from data.pixels import DEFAULT_MAX_IMAGE_PIXELS
+    return int(run.config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+
+
 def _split_files(data_dir: str, run: SavedRun, split: str) -> layout.SplitFiles:
     """The readable files of --split: from the data check, or a packed folder's manifest."""
     if source.is_packed(data_dir):
@@ -143,7 +151,8 @@ def _split_files(data_dir: str, run: SavedRun, split: str) -> layout.SplitFiles:
     # The trainer's data check: unreadable files are left out (and listed), not fatal.
     scanned = check.scan(data_dir, run.class_names,
                          skip_unknown_classes=bool(run.config.get("skip_unknown_classes")),
-                         cache_path=check.default_cache_path(data_dir, run.model_dir))
+                         cache_path=check.default_cache_path(data_dir, run.model_dir),
+                         max_image_pixels=_max_image_pixels(run))
     if split not in scanned.splits:
         raise RunError(f"--split={split}: {data_dir} has no readable {split}/ split")
     for warning in scanned.report.warnings:

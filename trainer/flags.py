@@ -59,6 +59,10 @@ flags.DEFINE_boolean("skip_unknown_classes", _D.skip_unknown_classes, "Leave out
 flags.DEFINE_enum("on_bad_file", _D.on_bad_file, ["skip", "fail"], "Files the data check cannot decode "
                   "(empty, truncated, HTML pages named .jpg): `skip` leaves them out and lists "
                   "them in model_dir/data_report.txt; `fail` stops before training.")
+flags.DEFINE_integer("max_image_pixels", _D.max_image_pixels, "Images whose header states "
+                     "more pixels (width x height) are bad files, never decoded: in the data "
+                     "check, the caches, evaluation and the export's decoder (a small file can "
+                     "decode to a huge image). 0: no limit.", lower_bound=0)
 # --- model ----------------------------------------------------------------------------------
 flags.DEFINE_enum("model", _D.model, registry.model_names(), "Model architecture "
                   "(--list_models describes them).")
@@ -199,6 +203,10 @@ flags.DEFINE_boolean("s3_anon", _D.s3_anon, "Read S3 anonymously (public buckets
                      "standard AWS credential chain (environment, ~/.aws) is used.")
 flags.DEFINE_string("s3_endpoint_url", _D.s3_endpoint_url, "Endpoint of an S3-compatible store (MinIO, Ceph, "
                     "SeaweedFS); default: AWS.")
+flags.DEFINE_boolean("s3_delete_removed", _D.s3_delete_removed, "The S3 sync deletes local "
+                     "files (not hidden ones) under DATA_CACHE_DIR/BUCKET/PREFIX that are no "
+                     "longer in the bucket; off: they are kept (and trained on), and the sync's "
+                     "summary says how many.")
 flags.DEFINE_string("data_service", _D.data_service, "grpc://HOST:PORT of a tf.data service "
                     "dispatcher (`python -m data.service`): training input is decoded and "
                     "augmented by its workers, which must see --data_dir at the same path. "
@@ -218,7 +226,8 @@ flags.DEFINE_enum("on_nan", _D.on_nan, ["stop", "rollback"], "A loop whose loss 
 flags.DEFINE_list("allow_change", _D.allow_change, "On resume, accept these flags differing "
                   "from the run's saved config (e.g. epochs,base_lr); each accepted change is "
                   "described in one line. Without it a change that alters what the checkpoint "
-                  f"means is refused. Changeable: {', '.join(resume.CHANGEABLE)}.")
+                  f"means is refused. Changeable: {', '.join(resume.CHANGEABLE)}; and `data`: "
+                  "split files differing from those the run began with (data_fingerprint.json).")
 flags.DEFINE_list("debug_nan_batches", _D.debug_nan_batches, "Testing aid: data positions "
                   "(0-based global batch numbers) whose training loss is made NaN, to exercise "
                   "--on_nan.")
@@ -431,10 +440,10 @@ def _service_decodes_itself(values):
 
 @flags.validator("allow_change")
 def _allow_change_names(value):
-    unknown = [name for name in value if name not in resume.CHANGEABLE]
+    unknown = [name for name in value if name not in resume.ALLOWABLE]
     if unknown:
         raise flags.ValidationError(f"{', '.join(unknown)} cannot be changed on resume (these "
-                                    f"can: {', '.join(resume.CHANGEABLE)})")
+                                    f"can: {', '.join(resume.ALLOWABLE)})")
     return True
 
 

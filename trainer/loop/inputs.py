@@ -6,12 +6,12 @@ import dataclasses
 import os
 
 
-from data import check, datasets, diskcache, layout, memory, service, source
+from data import check, datasets, decode, diskcache, fingerprint, layout, memory, service, source
 from data.augment import Augment, Mix
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_randaugment
 from trainer.errors import TrainingError
-from trainer.loop import distribute
+from trainer.loop import distribute, resume
 from trainer.state import run_dir
 
 # An "epoch" of --synthetic_data, which has no dataset to define one.
@@ -25,6 +25,7 @@ class Inputs:
     eval_splits: dict[str, layout.SplitFiles]
     synthetic: bool = False
     source: object = None  # data.source.open_source(): builds the train and eval datasets
+    fingerprint: dict | None = None  # data/fingerprint.py's record of the splits (None: synthetic)
 
     @property
     def num_train_images(self) -> int:
@@ -39,6 +40,7 @@ def synthetic_inputs(config: Config) -> Inputs:
 def read_inputs(config: Config, log) -> Inputs:
     """The class list (the run's classes.json when present: the train folders must match it)
     and the files of each split that pass the data check."""
+    decode.set_max_pixels(config.max_image_pixels)  # the caches' and evaluations' decoders
     if source.is_packed(config.data_dir):
         return read_packed_inputs(config, log)
     found = layout.train_class_names(config.data_dir)
@@ -55,7 +57,7 @@ def read_inputs(config: Config, log) -> Inputs:
                          skip_unknown_classes=config.skip_unknown_classes,
                          on_bad_file=config.on_bad_file,
                          cache_path=check.default_cache_path(config.data_dir, config.model_dir),
-                         log=log)
+                         log=log, max_image_pixels=config.max_image_pixels)
     report_path = scanned.report.write(config.model_dir)
     for warning in scanned.report.warnings:
         log(f"warning: {warning}")
@@ -63,7 +65,35 @@ def read_inputs(config: Config, log) -> Inputs:
         raise TrainingError(scanned.report.error_line(report_path))
     eval_splits = {split: files for split, files in scanned.splits.items() if split != "train"}
     return Inputs(class_names, scanned.splits["train"], eval_splits,
-                  source=datasets.FolderSource(config.data_dir))
+                  source=datasets.FolderSource(config.data_dir),
+                  fingerprint=fingerprint.make_folder(config.data_dir, scanned.splits,
+                                                      scanned.file_info))
+
+
+def check_data_fingerprint(config: Config, data: Inputs, resuming: bool, log) -> None:
+    """The splits' files against the run's data_fingerprint.json (data/fingerprint.py): kept at
+    the first start; on a resume a difference is refused in one line naming each split and what
+    changed, or accepted with --allow_change=data (one line; the record is then the new data)."""
+    if data.fingerprint is None:
+        return  # synthetic images: no files
+    try:
+        saved = fingerprint.read(config.model_dir)
+    except fingerprint.FingerprintError as e:
+        raise TrainingError(str(e)) from None
+    if saved is not None and resuming:
+        changes = fingerprint.differences(saved, data.fingerprint)
+        if not changes:
+            return
+        what = "; ".join(changes)
+        effect = resume.CHANGEABLE_INPUTS["data"]
+        if "data" not in config.allow_change.split(","):
+            raise TrainingError(
+                f"--data_dir={config.data_dir}: {what} since the run began; pass "
+                f"--allow_change=data to train on the data as it is now ({effect}), restore "
+                f"the data, or use a new --model_dir")
+        log(f"data changed since the run began (--allow_change=data): {what}; {effect}")
+    os.makedirs(config.model_dir, exist_ok=True)
+    fingerprint.write(config.model_dir, data.fingerprint)
 
 
 def _check_same_classes(config: Config, found: list[str], saved: list[str]) -> None:
@@ -92,7 +122,7 @@ def read_packed_inputs(config: Config, log) -> Inputs:
     splits = packed.manifest.splits
     return Inputs(class_names, splits["train"],
                   {name: split for name, split in splits.items() if name != "train"},
-                  source=packed)
+                  source=packed, fingerprint=fingerprint.make_packed(packed.manifest))
 
 
 def sync_from_s3(config: Config, log) -> str:
@@ -107,9 +137,18 @@ def sync_from_s3(config: Config, log) -> str:
     log(f"syncing {config.data_dir} to {local}")
     try:
         summary = s3.sync(config.data_dir, local, anon=config.s3_anon,
-                          endpoint_url=config.s3_endpoint_url, progress=False, log=log)
+                          endpoint_url=config.s3_endpoint_url, progress=False, log=log,
+                          delete_removed=config.s3_delete_removed)
     except s3.S3SyncError as e:
-        raise TrainingError(f"--data_dir: {e}") from None
+        # A complete local copy (the record of a sync that finished) needs no server: a
+        # restart while S3 is down goes on with it; a first start, or a copy cut off, cannot.
+        record = s3.read_sync_record(local, f"s3://{bucket}/{prefix}") if e.unreachable \
+            else None
+        if record is None:
+            raise TrainingError(f"--data_dir: {e}") from None
+        log(f"could not check S3 for changes: {e}; training on the local copy from "
+            f"{record.get('finished', '?')} ({record.get('files', '?')} files in {local})")
+        return local
     log(summary.describe())
     if not summary.ok:
         raise TrainingError(f"--data_dir: {summary.failed} file(s) of {config.data_dir} failed "

@@ -10,6 +10,8 @@ in runs.jsonl, else config.json):
 - CHANGEABLE flags are refused unless `--allow_change=FLAG[,...]` names them; an accepted change
   is described in one line (`describe`), and the learning-rate ones are folded into the plan by
   `continue_plan` so that the rate goes on from where it was.
+- CHANGEABLE_INPUTS are not flags: `--allow_change=data` accepts a dataset whose files differ from
+  the ones the run began with (trainer/loop/inputs.py compares data/fingerprint.py's record).
 - Every other flag (paths, cadence, logging, evaluation, caching, ...) may differ freely.
 
 Pure Python (no TensorFlow): trainer/flags.py imports it to validate --allow_change.
@@ -63,6 +65,15 @@ CHANGEABLE = {
     "eval_crop": "evaluations from here on see other pixels (best-checkpoint comparisons and "
                  "early stopping mix the two policies); the export follows the new one",
 }
+# Not flags: what a resume finds changed around the run; `--allow_change=NAME` accepts it too.
+# data: the split files differ from the run's data_fingerprint.json (data/fingerprint.py).
+CHANGEABLE_INPUTS = {
+    "data": "the step is kept, and each epoch's order is drawn over the new file list, so the "
+            "rest of this epoch is not the batches it would have been (some of its images are "
+            "seen twice or not at all)",
+}
+# Every name --allow_change takes.
+ALLOWABLE = {**CHANGEABLE, **CHANGEABLE_INPUTS}
 SCHEDULE_FLAGS = ("epochs", "train_steps", "base_lr", "scale_lr", "warmup_epochs")
 
 

@@ -99,6 +99,8 @@ def _run(config: Config, strategy, chief: bool, run_start: float) -> dict:
         config = dataclasses.replace(config, data_dir=inputs.sync_from_s3(config, log))
     data = inputs.synthetic_inputs(config) if config.synthetic_data else \
         inputs.read_inputs(config, log)
+    if chief:  # the splits' files against those the run began with (data_fingerprint.json)
+        inputs.check_data_fingerprint(config, data, checkpoint is not None, log)
     # --- 4. plan -------------------------------------------------------------------------------
     plan, batch_factor = _plan(config, strategy, data, checkpoint, accepted)
     inputs.check_plan(config, plan)
