@@ -311,3 +311,29 @@ def test_a_second_sigterm_in_the_loop_ends_the_trainer_at_once(small_demo_dir, t
                          "goes on from its last checkpoint")
     assert elapsed < 2, elapsed
     print(f"exit 143 {elapsed:.2f} s after the second SIGTERM")
+
+
+def test_sigterm_during_the_s3_sync_exits_75_keeping_only_whole_files(s3_server, demo_dir,
+                                                                      tmp_path):
+    source = tmp_path / "source"
+    for split in ("train", "valid", "test"):
+        shutil.copytree(demo_dir / split, source / split)
+    s3_server.make_bucket("exit-codes-sync", public=True)
+    s3_server.upload_tree(str(source), "exit-codes-sync", "demo")
+    cache = tmp_path / "cache"
+    process = _start("--data_dir=s3://exit-codes-sync/demo", f"--data_cache_dir={cache}",
+                     "--s3_anon", f"--s3_endpoint_url={s3_server.endpoint_url}",
+                     f"--model_dir={tmp_path / 'run'}", *FLAGS)
+    _wait_for_line(process, "syncing s3://exit-codes-sync/demo to ")
+    process.send_signal(signal.SIGTERM)
+    start = time.time()
+    code, lines = _end(process)
+    elapsed = time.time() - start
+    assert code == errors.EXIT_PREEMPTED, lines[-20:]
+    assert "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith("trainer: stopped by signal 15 outside the training loop"), lines
+    local = cache / "exit-codes-sync" / "demo"
+    kept = [p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    for path in kept:  # a file under its final name is whole
+        assert path.read_bytes() == (source / path.relative_to(local)).read_bytes(), path
+    print(f"exit 75 {elapsed:.1f} s after the SIGTERM, {len(kept)} whole files kept")

@@ -93,6 +93,14 @@ class Interrupts:
         if self._previous is None:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
+    def reassert(self) -> None:
+        """Registers the handler again where it is installed: building a multi-worker
+        strategy installs TensorFlow's own SIGTERM handler (its preemption notifier, in C++),
+        which swallows the signal; seen as a SIGTERM to one worker that stopped nobody."""
+        if self._previous is not None:
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+
     def uninstall(self) -> None:
         if self._previous is not None:
             for sig, handler in self._previous.items():

@@ -375,6 +375,7 @@ class StopSignal(Action):
         self._installed_here = not interrupts.installed
         if self._installed_here:
             interrupts.install(force_second=False)
+        interrupts.reassert()  # over TensorFlow's own SIGTERM handler (errors.py)
         self._deferred = interrupts.deferred()
         self._deferred.__enter__()  # from here a signal waits for the loop's end
         self._other = False  # another worker's signal (agreed through `requested`)

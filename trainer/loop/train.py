@@ -60,6 +60,7 @@ def run(config: Config) -> dict:
     # --- 1-2. strategy; the lock; the resume point; compare with the run's config -------------
     strategy = distribute.make_strategy(config.distribution_strategy, config.cpu_devices,
                                         config.collective_timeout)
+    errors.INTERRUPTS.reassert()  # TensorFlow's multi-worker runtime replaced the handler
     chief = distribute.is_chief(strategy)
     with _writer_lock(config, chief):
         return _run(config, strategy, chief, run_start)
