@@ -719,6 +719,31 @@ def _split_findings(data_dir: str, report: SplitReport, has_files: bool,
     return errors, warnings
 
 
+def _class_names(data_dir: str, class_names: list[str] | None) -> list[str]:
+    """`class_names`, or the train folder names; a missing dataset, or a missing train split
+    when the classes would come from it, is a LayoutError."""
+    if not os.path.isdir(data_dir):
+        raise layout.LayoutError(f"--data_dir={data_dir}: no such folder")
+    if not os.path.isdir(os.path.join(data_dir, "train")):
+        if class_names is None:  # the classes come from train
+            raise layout.LayoutError(f"--data_dir={data_dir}: has no train/ split folder")
+    else:
+        layout.train_class_names(data_dir)  # raises on two train folders for one class
+    return list(class_names or layout.train_class_names(data_dir))
+
+
+def _report_bad_files(bad: list, on_bad_file: str, errors: list[str],
+                      warnings: list[str]) -> None:
+    """--on_bad_file=fail: the bad files stop training (first error); skip: one warning."""
+    if bad and on_bad_file == "fail":
+        shown = "; ".join(f"{p!r}: {r}" for p, r in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        errors.insert(0, f"--on_bad_file=fail: {len(bad)} bad image file(s): {shown}{more}")
+    elif bad:
+        warnings.append(f"{len(bad)} bad image file(s) left out (--on_bad_file=skip); each is "
+                        f"listed with its reason in the data report")
+
+
 def scan(data_dir: str, class_names: list[str] | None = None, *,
          skip_unknown_classes: bool = False, on_bad_file: str = "skip",
          cache_path: str | None = None, log=None,
@@ -730,14 +755,7 @@ def scan(data_dir: str, class_names: list[str] | None = None, *,
     `max_image_pixels` pixels are bad files, never decoded (data/pixels.py)."""
     if on_bad_file not in ON_BAD_FILE:
         raise ValueError(f"on_bad_file must be one of {ON_BAD_FILE}, not {on_bad_file!r}")
-    if not os.path.isdir(data_dir):
-        raise layout.LayoutError(f"--data_dir={data_dir}: no such folder")
-    if not os.path.isdir(os.path.join(data_dir, "train")):
-        if class_names is None:  # the classes come from train
-            raise layout.LayoutError(f"--data_dir={data_dir}: has no train/ split folder")
-    else:
-        layout.train_class_names(data_dir)  # raises on two train folders for one class
-    class_names = list(class_names or layout.train_class_names(data_dir))
+    class_names = _class_names(data_dir, class_names)
     label_by_key = {layout.class_key(name): i for i, name in enumerate(class_names)}
     own = {os.path.basename(cache_path)} if cache_path and \
         os.path.dirname(os.path.abspath(cache_path)) == os.path.abspath(data_dir) else set()
@@ -764,14 +782,8 @@ def scan(data_dir: str, class_names: list[str] | None = None, *,
         split_files[split] = layout.SplitFiles(split, tuple(files), tuple(labels),
                                                tuple(report.renamed),
                                                tuple(report.unknown_classes))
-    bad = [b for r in reports.values() for b in r.bad_files]
-    if bad and on_bad_file == "fail":
-        shown = "; ".join(f"{p!r}: {r}" for p, r in bad[:5])
-        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
-        errors.insert(0, f"--on_bad_file=fail: {len(bad)} bad image file(s): {shown}{more}")
-    elif bad:
-        warnings.append(f"{len(bad)} bad image file(s) left out (--on_bad_file=skip); each is "
-                        f"listed with its reason in the data report")
+    _report_bad_files([b for r in reports.values() for b in r.bad_files], on_bad_file,
+                      errors, warnings)
     duplicates = find_duplicates(statuses)
     leaks = sum(d.leaks for d in duplicates)
     if leaks:

@@ -559,6 +559,45 @@ def _download(fs, bucket: str, to_fetch: list[_Object], workers: int, max_attemp
     return state
 
 
+def _make_destination(url: str, dest: str) -> str:
+    """`dest` made absolute and created; a one-line S3SyncError if it cannot be."""
+    try:
+        dest = os.path.abspath(dest)
+        os.makedirs(dest, exist_ok=True)
+    except OSError as error:
+        raise S3SyncError(f"{url}: cannot create the destination {dest!r}: "
+                          f"{error.strerror or error}") from None
+    return dest
+
+
+def _prepare_destination(dest: str, objects: list, workers: int,
+                         delete_removed: bool) -> tuple[list, list]:
+    """The objects to fetch (not up to date locally) and the local files no object maps to
+    (deleted here with `delete_removed`). A copy about to change loses its SYNC_RECORD first:
+    it is not complete again until the sync ends whole."""
+    remove_stale_temp_files(dest)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, 32))) as pool:
+        up_to_date = list(pool.map(is_up_to_date, objects))
+    to_fetch = [obj for obj, done in zip(objects, up_to_date) if not done]
+    not_in_bucket = local_files_not_in(dest, objects)
+    if to_fetch or (delete_removed and not_in_bucket):
+        _remove_sync_record(dest)
+    if delete_removed:
+        _delete_local(dest, not_in_bucket)
+    return to_fetch, not_in_bucket
+
+
+def _stopped(url: str, dest: str, error: BaseException, result: SyncSummary, total: int,
+             describe) -> S3SyncError:
+    """The one-line error of a sync that stopped part way (what it did is kept)."""
+    if isinstance(error, OSError) and error.errno in FATAL_LOCAL_ERRNOS:
+        return S3SyncError(f"{url}: cannot write under {dest}: {error.strerror or error}; "
+                           f"{result.downloaded} files were downloaded before, run again to "
+                           f"resume", result)
+    return S3SyncError(f"{url}: stopped after {result.downloaded + result.skipped} of {total} "
+                       f"files (kept; run again to resume): {describe(error)}", result)
+
+
 def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None = None,
          key: str | None = None, secret: str | None = None, workers: int = 16,
          progress: bool = True, connect_timeout: float = 5, read_timeout: float = 20,
@@ -586,16 +625,7 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
                               connect_timeout=connect_timeout, read_timeout=read_timeout,
                               secrets_to_hide=hidden)
 
-    def fail(error: BaseException, summary: SyncSummary | None = None,
-             context: str = "") -> S3SyncError:
-        return S3SyncError(f"{url}: {context}{describe(error)}", summary)
-
-    try:
-        dest = os.path.abspath(dest)
-        os.makedirs(dest, exist_ok=True)
-    except OSError as error:
-        raise S3SyncError(f"{url}: cannot create the destination {dest!r}: "
-                          f"{error.strerror or error}") from None
+    dest = _make_destination(url, dest)
 
     import fsspec.asyn
     try:
@@ -613,32 +643,15 @@ def sync(source: str, dest: str, *, anon: bool = False, endpoint_url: str | None
     if not objects and not refused:
         raise S3SyncError(f"{url}: no objects under this prefix at {endpoint}")
 
-    remove_stale_temp_files(dest)
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, 32))) as pool:
-        up_to_date = list(pool.map(is_up_to_date, objects))
-    to_fetch = [obj for obj, done in zip(objects, up_to_date) if not done]
-    skipped = len(objects) - len(to_fetch)
-    not_in_bucket = local_files_not_in(dest, objects)
-    if to_fetch or (delete_removed and not_in_bucket):
-        _remove_sync_record(dest)  # the copy is changing: not complete until the end
-    if delete_removed:
-        _delete_local(dest, not_in_bucket)
-
+    to_fetch, not_in_bucket = _prepare_destination(dest, objects, workers, delete_removed)
     state = _download(fs, bucket, to_fetch, workers, max_attempts, progress, describe, log)
-    result = SyncSummary(downloaded=state.downloaded, skipped=skipped,
+    result = SyncSummary(downloaded=state.downloaded, skipped=len(objects) - len(to_fetch),
                          failed=len(state.failures), bytes=state.bytes,
                          seconds=time.monotonic() - start, refused=refused,
                          failures=dict(state.failures), not_in_bucket=len(not_in_bucket),
                          deleted_removed=delete_removed)
-    error = state.abort
-    if isinstance(error, OSError) and error.errno in FATAL_LOCAL_ERRNOS:
-        raise S3SyncError(f"{url}: cannot write under {dest}: {error.strerror or error}; "
-                          f"{result.downloaded} files were downloaded before, run again to "
-                          f"resume", result) from None
-    if error is not None:
-        raise fail(error, result,
-                   context=(f"stopped after {result.downloaded + skipped} of {len(objects)} "
-                            f"files (kept; run again to resume): ")) from None
+    if state.abort is not None:
+        raise _stopped(url, dest, state.abort, result, len(objects), describe) from None
     if result.ok:
         _write_sync_record(dest, url, objects)
     if progress:

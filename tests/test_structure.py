@@ -1,5 +1,6 @@
 """The code's shape: no import cycle in trainer/, data/ or models/ (function-level imports
-count: a cycle that only works because one side imports late is still a cycle).
+count: a cycle that only works because one side imports late is still a cycle), and no
+function longer than a screen (MAX_FUNCTION_LINES, its docstring and comments included).
 
 Read from the source with `ast`, nothing imported: a cycle is found even on a path no test runs.
 """
@@ -15,6 +16,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.quick
 
 PACKAGES = ("trainer", "data", "models")
+MAX_FUNCTION_LINES = 60
 
 
 def _module_name(path: Path) -> str:
@@ -116,3 +118,28 @@ def test_a_function_level_import_cycle_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr("tests.test_structure.REPO", tmp_path)
     assert import_cycles({_module_name(p): p for p in package.glob("*.py")}) == [
         ["data.a", "data.b"]]
+
+
+def long_functions(paths: list[Path]) -> list[str]:
+    """`file:line name (N lines)` for each function or method over MAX_FUNCTION_LINES."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} "
+                                 f"({length} lines)")
+    return found
+
+
+def test_no_function_in_trainer_data_or_models_is_longer_than_a_screen():
+    assert long_functions(sorted(_modules().values())) == []
+
+
+def test_a_long_function_is_found(tmp_path, monkeypatch):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    monkeypatch.setattr("tests.test_structure.REPO", tmp_path)
+    assert long_functions([tmp_path / "long.py"]) == [
+        f"long.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]
