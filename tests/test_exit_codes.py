@@ -325,6 +325,9 @@ def test_sigterm_during_the_s3_sync_exits_75_keeping_only_whole_files(s3_server,
                      "--s3_anon", f"--s3_endpoint_url={s3_server.endpoint_url}",
                      f"--model_dir={tmp_path / 'run'}", *FLAGS)
     _wait_for_line(process, "syncing s3://exit-codes-sync/demo to ")
+    local = cache / "exit-codes-sync" / "demo"
+    # the downloads have begun: the first split folder appears (inotify, no polling)
+    assert wait_for_entry(local, lambda name: name in ("train", "valid", "test"), timeout=60)
     process.send_signal(signal.SIGTERM)
     start = time.time()
     code, lines = _end(process)
@@ -332,8 +335,8 @@ def test_sigterm_during_the_s3_sync_exits_75_keeping_only_whole_files(s3_server,
     assert code == errors.EXIT_PREEMPTED, lines[-20:]
     assert "Traceback" not in "\n".join(lines)
     assert lines[-1].startswith("trainer: stopped by signal 15 outside the training loop"), lines
-    local = cache / "exit-codes-sync" / "demo"
     kept = [p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")]
     for path in kept:  # a file under its final name is whole
         assert path.read_bytes() == (source / path.relative_to(local)).read_bytes(), path
-    print(f"exit 75 {elapsed:.1f} s after the SIGTERM, {len(kept)} whole files kept")
+    every = sum(1 for p in local.rglob("*") if p.is_file())
+    print(f"exit 75 {elapsed:.1f} s after the SIGTERM, {len(kept)} whole files kept, {every} in all")
