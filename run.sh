@@ -3,7 +3,7 @@
 # (editable, with the test extra and the TensorFlow build that fits this machine).
 #   ./run.sh                      train the demo (builds dataset/demo from scikit-learn's digits first)
 #   ./run.sh train FLAGS...       python -m trainer.main FLAGS...
-#   ./run.sh test [PYTEST ARGS]   the test suite
+#   ./run.sh test [PYTEST ARGS]   the test suite (-m quick: the quick tier)
 #   ./run.sh tensorboard [LOGDIR] TensorBoard on 127.0.0.1 (default LOGDIR: runs)
 #   ./run.sh sweep FLAGS...       python -m trainer.sweep FLAGS... (Optuna; docs/sweeps.md)
 #   ./run.sh download|check|pack|service|evaluate|export|predict|bench ARGS...

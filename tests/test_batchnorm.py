@@ -37,6 +37,7 @@ def _inputs(shape=(4, 6, 6, CHANNELS), dtype="float32"):
     return tf.cast(x, dtype)
 
 
+@pytest.mark.quick
 def test_fused_layer_has_the_stock_variables_and_matches_it_in_training_and_inference():
     keras.mixed_precision.set_global_policy("float32")
     stock, fused = _pair()
@@ -61,6 +62,7 @@ def test_fused_layer_has_the_stock_variables_and_matches_it_in_training_and_infe
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.quick
 def test_moving_variance_follows_keras_population_convention_not_the_fused_ops_bessel():
     """The fused op returns the batch variance x n/(n-1); Keras 3 averages the population
     variance. The fused layer must hold what the stock layer holds."""
@@ -81,6 +83,7 @@ def test_moving_variance_follows_keras_population_convention_not_the_fused_ops_b
     np.testing.assert_allclose(fused.moving_mean.numpy(), stock.moving_mean.numpy(), rtol=1e-5)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_fused_layer_keeps_low_precision_activations_under_a_mixed_policy(dtype):
     keras.mixed_precision.set_global_policy(f"mixed_{dtype}")
@@ -104,6 +107,7 @@ def test_fused_layer_keeps_low_precision_activations_under_a_mixed_policy(dtype)
     ({"axis": 1}, (4, CHANNELS, 6, 6)),  # channels first
     ({"renorm": True}, (4, 6, 6, CHANNELS)),
 ])
+@pytest.mark.quick
 def test_fused_layer_falls_back_to_keras_where_the_fused_op_does_not_apply(options, shape):
     keras.mixed_precision.set_global_policy("float32")
     axis = options.get("axis", -1)
@@ -120,6 +124,7 @@ def test_fused_layer_falls_back_to_keras_where_the_fused_op_does_not_apply(optio
     assert fused.moving_mean.shape == (shape[axis],)
 
 
+@pytest.mark.quick
 def test_a_frozen_fused_layer_runs_in_inference_mode_and_keeps_its_statistics():
     keras.mixed_precision.set_global_policy("float32")
     stock, fused = _pair()
@@ -140,9 +145,10 @@ def _bn_model(layer_class):
     return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x))
 
 
+@pytest.mark.quick
 def test_two_replicas_average_the_fused_moving_statistics(two_replicas):
     """Each replica updates its own copy from its own batch; after the loop every copy holds
-    the average (trainer/step.py _average_model_state), with the population variance."""
+    the average (trainer/loop/step.py _average_model_state), with the population variance."""
     keras.mixed_precision.set_global_policy("float32")
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(2)
@@ -165,6 +171,7 @@ def test_two_replicas_average_the_fused_moving_statistics(two_replicas):
         np.testing.assert_allclose(var.numpy(), want_var, rtol=1e-4)
 
 
+@pytest.mark.quick
 def test_swap_keeps_names_weights_and_outputs():
     keras.mixed_precision.set_global_policy("float32")
     stock = _bn_model(keras.layers.BatchNormalization)
@@ -177,6 +184,7 @@ def test_swap_keeps_names_weights_and_outputs():
                                atol=1e-5)
 
 
+@pytest.mark.quick
 def test_every_model_uses_the_fused_layer_unless_asked_not_to():
     keras.mixed_precision.set_global_policy("float32")
     fused, stock = (registry.build("resnet50", 3, 32, fused_batchnorm=flag) for flag in (True,
@@ -196,6 +204,7 @@ def _all_layers(model):
         yield from (_all_layers(layer) if isinstance(layer, keras.Model) else [layer])
 
 
+@pytest.mark.quick
 def test_keras_file_with_fused_layers_loads_in_a_fresh_process(tmp_path):
     keras.mixed_precision.set_global_policy("float32")
     model = registry.build("small_resnet", 3, 16)
@@ -216,7 +225,7 @@ def test_keras_file_with_fused_layers_loads_in_a_fresh_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# --xla under several replicas (trainer/step.py compiles the forward/backward pass only)
+# --xla under several replicas (trainer/loop/step.py compiles the forward/backward pass only)
 # ---------------------------------------------------------------------------------------------
 def _losses_and_weights(strategy, xla: bool):
     keras.mixed_precision.set_global_policy("float32")
@@ -246,6 +255,7 @@ def test_xla_on_two_replicas_gives_the_losses_and_weights_of_the_plain_step(two_
     np.testing.assert_allclose(xla_eval["loss"], plain_eval["loss"], rtol=1e-4)
 
 
+@pytest.mark.quick
 def test_the_input_timer_is_off_for_replicas_sharing_the_cpu_and_on_for_one(two_replicas):
     """The timer's control dependencies cost about 2x with 2 logical CPU replicas
     (docs/benchmarks.md); with one replica it measures the input wait exactly and stays on."""

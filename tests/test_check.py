@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import REPO, run_trainer
 
+pytestmark = pytest.mark.quick
+
 PARAKETT_TRAIN = "PARAKETT  AUKLET"  # double space in train ...
 PARAKETT_VALID = "PARAKETT AUKLET"  # ... single space in valid
 WARBLER = "BLACK & WHITE WARBLER"

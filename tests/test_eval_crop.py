@@ -56,6 +56,7 @@ def _pil_centre_crop(array: np.ndarray, size: int, fraction: float) -> np.ndarra
 
 
 # --- the decoder ---------------------------------------------------------------------------------
+@pytest.mark.quick
 @pytest.mark.parametrize("fraction", [0.5, 0.875])
 @pytest.mark.parametrize("shape", [(100, 160), (160, 100)], ids=["wide", "tall"])
 def test_centre_crop_reads_the_right_pixels(shape, fraction):
@@ -71,6 +72,7 @@ def test_centre_crop_reads_the_right_pixels(shape, fraction):
     assert np.all(np.abs(centre[..., :2] - 127) <= 10), centre[..., :2]
 
 
+@pytest.mark.quick
 def test_the_borders_are_cut_off_and_f1_is_todays_squash_bit_for_bit(demo_dir):
     # Bands: red for x < 30, blue for x >= 130, green between, 160 x 100.
     image = np.zeros([100, 160, 3], np.uint8)
@@ -121,6 +123,7 @@ def _images(dataset) -> np.ndarray:
     return np.concatenate(rows)
 
 
+@pytest.mark.quick
 def test_folder_and_packed_eval_datasets_give_the_same_cropped_pixels(rect_dir, tmp_path):
     from data import check, datasets, pack, source
     split = check.scan(str(rect_dir)).splits["valid"]
@@ -151,6 +154,7 @@ def _model(num_classes: int = 5):
     return registry.build("small_resnet", num_classes, SIZE)
 
 
+@pytest.mark.quick
 def test_the_serving_signature_decodes_with_the_runs_eval_crop(rect_dir, tmp_path):
     from data import datasets
     from trainer.tools import calibration, serving

@@ -97,6 +97,7 @@ def test_training_keeps_and_reports_the_best_checkpoint(trained):
                      f"ckpt-{best_step}.index"]
 
 
+@pytest.mark.quick
 def test_best_checkpoint_update_saves_only_improvements_and_survives_a_restart(tmp_path):
     import keras
     import tensorflow as tf

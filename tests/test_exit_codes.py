@@ -62,6 +62,7 @@ def _full(error_call):
 
 
 # ---- classification (in process, real errors) --------------------------------------------------
+@pytest.mark.quick
 def test_full_read_only_and_size_limited_disks_are_recognised_with_their_path(tmp_path):
     with _tmpfs(tmp_path / "disk", "256k") as disk:
         writer = tf.summary.create_file_writer(str(disk / "train"))
@@ -100,6 +101,7 @@ def test_full_read_only_and_size_limited_disks_are_recognised_with_their_path(tm
     assert errors.disk_error(errors.TrainingError("--data_dir: no train/ split")) is None
 
 
+@pytest.mark.quick
 def test_a_file_over_its_size_limit_is_recognised(tmp_path):
     """EFBIG from a real RLIMIT_FSIZE (set in a child: SIGXFSZ ignored, so the write fails)."""
     code = ("import resource, signal, sys\n"
@@ -118,6 +120,7 @@ def test_a_file_over_its_size_limit_is_recognised(tmp_path):
     assert os.listdir(tmp_path) == []  # the temporary file is gone
 
 
+@pytest.mark.quick
 def test_results_json_on_a_full_disk_keeps_the_previous_file_whole(tmp_path):
     with _tmpfs(tmp_path / "disk", "64k") as disk:
         results = disk / "results.json"
@@ -130,6 +133,7 @@ def test_results_json_on_a_full_disk_keeps_the_previous_file_whole(tmp_path):
         assert sorted(os.listdir(disk)) == ["filler", "results.json"]  # no temporary left
 
 
+@pytest.mark.quick
 def test_only_errors_that_say_a_peer_is_gone_are_a_lost_peer(tmp_path):
     with pytest.raises(tf.errors.InvalidArgumentError) as bad_image:
         tf.io.decode_jpeg(b"\xff\xd8 not a jpeg")
@@ -151,6 +155,7 @@ def test_only_errors_that_say_a_peer_is_gone_are_a_lost_peer(tmp_path):
     assert [errors.is_peer_lost(e) for e in peer] == [True] * len(peer)
 
 
+@pytest.mark.quick
 def test_a_first_signal_outside_the_loop_raises_and_a_second_exits_at_once():
     """In a child process: INTERRUPTS raises Interrupted outside a deferred block, records a
     signal inside one, and a second signal ends the process at once with 128 + signal."""

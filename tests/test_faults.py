@@ -163,6 +163,7 @@ def _saved(directory, count=3):
     return keeper
 
 
+@pytest.mark.quick
 def test_an_unreadable_state_file_is_set_aside_and_the_checkpoints_found_on_disk(tmp_path):
     folder = tmp_path / "checkpoints"
     _saved(folder)
@@ -188,6 +189,7 @@ def test_an_unreadable_state_file_is_set_aside_and_the_checkpoints_found_on_disk
         "ckpt-3.data-00000-of-00001", "ckpt-3.index"]
 
 
+@pytest.mark.quick
 def test_leftovers_of_a_first_save_that_never_completed_start_a_new_run(tmp_path):
     folder = tmp_path / "checkpoints"
     _saved(folder, count=1)
@@ -200,6 +202,7 @@ def test_leftovers_of_a_first_save_that_never_completed_start_a_new_run(tmp_path
         "ckpt-1.data-00000-of-00001"]
 
 
+@pytest.mark.quick
 def test_an_unreadable_best_checkpoint_and_export_are_set_aside_never_deleted(tmp_path):
     model_dir = tmp_path / "run"
     best_dir = model_dir / "checkpoints" / "best"
@@ -242,6 +245,7 @@ def test_an_unreadable_best_checkpoint_and_export_are_set_aside_never_deleted(tm
     assert [n for n in os.listdir(model_dir) if n.startswith("results.export-unreadable-")]
 
 
+@pytest.mark.quick
 def test_saves_fsync_the_files_and_folder_before_they_are_published(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
@@ -304,6 +308,7 @@ def test_two_trainers_started_two_seconds_apart_one_is_refused_naming_the_other(
     print(f"refused after {elapsed:.1f} s")
 
 
+@pytest.mark.quick
 def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_or_expired_one(tmp_path):
     lines = []
     with run_lock.RunLock(str(tmp_path), lines.append) as held:
@@ -344,6 +349,7 @@ print("still running")
 """
 
 
+@pytest.mark.quick
 def test_a_holder_that_lost_its_lock_stops_at_once(tmp_path):
     result = subprocess.run([sys.executable, "-c", LOSE_LOCK, str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=60)

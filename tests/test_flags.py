@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO, run_trainer
 
+pytestmark = pytest.mark.quick
+
 
 def _write_jpegs(folder: Path, count: int) -> None:
     from PIL import Image

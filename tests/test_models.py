@@ -44,6 +44,7 @@ def _step_functions(strategy, model, optimizer, global_batch: int, **options) ->
 # ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_list_models_prints_each_model_with_a_description_and_exits_0(capsys):
     from trainer import flags as trainer_flags
     with pytest.raises(SystemExit) as exit_info:
@@ -99,6 +100,7 @@ def test_model_trains_a_step_on_two_replicas_and_round_trips_through_keras_file(
                                model(images, training=False).numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.quick
 def test_pixels_are_normalised_inside_each_model_as_its_imagenet_weights_expect():
     """The preprocessing layers, applied to 0-255 pixels: ResNet50 subtracts the ImageNet
     mean (RGB order; the first convolution's channels are reversed for the ImageNet weights),
@@ -151,6 +153,7 @@ def _train_bn_free(strategy, grad_accum_steps: int, num_steps: int = 2):
         steps.train_metrics.results()
 
 
+@pytest.mark.quick
 def test_gradient_accumulation_over_k_micro_batches_equals_one_big_batch(two_replicas):
     """Global batch 16 on two replicas: 8 per replica at once, or 4 micro-batches of 2 with
     one optimizer update; the same weights, losses, metrics and learning-rate steps."""
@@ -166,6 +169,7 @@ def test_gradient_accumulation_over_k_micro_batches_equals_one_big_batch(two_rep
     assert not np.allclose(initial[-2], whole[-2])  # it did train
 
 
+@pytest.mark.quick
 def test_backbone_lr_multiplier_scales_only_the_backbone_update_on_two_replicas(two_replicas,
                                                                               tiny_dir):
     from trainer import flags as trainer_flags
@@ -194,6 +198,7 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update_on_two_replicas(
     assert np.abs(deltas[1.0][conv_kernel]).max() > 1e-4
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
 def test_weight_decay_shrinks_kernels_and_leaves_biases_and_normalisation_alone(
         optimizer_name, tiny_dir):
@@ -223,6 +228,7 @@ def test_weight_decay_shrinks_kernels_and_leaves_biases_and_normalisation_alone(
     assert one_dimensional > 5 and shrink < 0.99
 
 
+@pytest.mark.quick
 def test_label_smoothing_and_soft_labels_give_keras_cross_entropy():
     rng = np.random.default_rng(0)
     logits = tf.constant(rng.normal(size=(6, 4)) * 3, tf.float32)
@@ -239,6 +245,7 @@ def test_label_smoothing_and_soft_labels_give_keras_cross_entropy():
     np.testing.assert_allclose(cross_entropy(soft, logits), expected, rtol=1e-5)
 
 
+@pytest.mark.quick
 def test_mixup_and_cutmix_labels_sum_to_one_and_describe_the_images():
     images, labels, _ = _random_batch(6, 16, 4, seed=2)
     labels = np.array([0, 1, 2, 3, 1, 2], np.int32)
@@ -265,6 +272,7 @@ def test_mixup_and_cutmix_labels_sum_to_one_and_describe_the_images():
     assert seen_cutmix and seen_mixup
 
 
+@pytest.mark.quick
 def test_mixed_training_batches_are_soft_and_resume_at_the_same_batch(demo_dir):
     names = layout.train_class_names(str(demo_dir))
     split = layout.scan_split(str(demo_dir), "train", names)
@@ -285,6 +293,7 @@ def test_mixed_training_batches_are_soft_and_resume_at_the_same_batch(demo_dir):
             np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 
+@pytest.mark.quick
 def test_randaugment_ops_keep_shape_and_range_and_are_seeded():
     images, _, _ = _random_batch(1, 24, 2, seed=5)
     image = tf.constant(images[0])
@@ -338,6 +347,7 @@ def _layer_weights(model) -> dict[str, list[np.ndarray]]:
             for layer in transfer.weight_layers(model)}
 
 
+@pytest.mark.quick
 def test_finetune_from_keras_file_of_another_class_count_then_freeze_and_unfreeze(
         tiny_dir, donor_file, tmp_path):
     from trainer import flags as trainer_flags
@@ -381,6 +391,7 @@ def test_finetune_from_keras_file_of_another_class_count_then_freeze_and_unfreez
     assert not np.array_equal(unfrozen["stem_bn"][2], after["stem_bn"][2])  # moving mean
 
 
+@pytest.mark.quick
 def test_pretrained_weights_file_loads_with_its_own_class_count_or_fails_in_one_line(
         tiny_dir, donor_file, tmp_path):
     """--pretrained=FILE.weights.h5: the head's class count is read from the file (5, the
@@ -440,6 +451,7 @@ def test_ema_run_evaluates_saves_and_exports_the_averaged_weights(tiny_dir, dono
     averages; model.keras, the export and the tools' restore hold them, not the raw weights."""
     from trainer import flags as trainer_flags
     from trainer.loop import train
+    from trainer.state.checkpoints import restore_model
     from trainer.state.run_dir import SavedRun
     model_dir = tmp_path / "run"
     config = trainer_flags.config_from_argv([
@@ -458,7 +470,7 @@ def test_ema_run_evaluates_saves_and_exports_the_averaged_weights(tiny_dir, dono
 
     run = SavedRun.load(str(model_dir))
     checkpoint = run.checkpoint_path("latest")
-    averaged = run.restore_model(checkpoint).get_weights()
+    averaged = restore_model(run, checkpoint).get_weights()
     raw_model = registry.build("small_resnet", 3, 32)
     tf.train.Checkpoint(model=raw_model).restore(checkpoint).expect_partial()
     raw = raw_model.get_weights()
@@ -496,6 +508,7 @@ JOB_CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob(
                      if not p.name.endswith("_base.cfg"))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_each_config_parses_and_starts_with_command_hardware_and_expected_result(path,
                                                                                  demo_dir):

@@ -10,6 +10,8 @@ import tensorflow as tf
 
 from trainer.loop.optimization import _with_fused_update
 
+pytestmark = pytest.mark.quick
+
 
 def _train(strategy, optimizer_class, steps=5, **options):
     """A small Dense model trained `steps` steps on two replicas; its weights, the optimizer's

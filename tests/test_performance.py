@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from trainer.report import performance
+
+pytestmark = pytest.mark.quick
 
 
 def _key(dtype="float32"):

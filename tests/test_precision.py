@@ -5,6 +5,8 @@ import pytest
 
 from trainer.loop.precision import Hardware, detect_hardware, resolve_precision
 
+pytestmark = pytest.mark.quick
+
 NO_GPU = ()
 
 

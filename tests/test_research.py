@@ -80,6 +80,7 @@ def _valid_losses(stdout: str) -> dict[int, float]:
 
 
 # --- per-class recall and balanced accuracy ------------------------------------------------------
+@pytest.mark.quick
 def test_per_class_recall_is_exact_across_two_replicas(two_replicas):
     num_classes = 4
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 0, 1, 0, 2], "int32")  # class 3 absent
@@ -135,9 +136,10 @@ def test_early_stopping_stops_at_the_right_evaluation_and_outputs_the_best(early
     assert results["best_checkpoint"]["step"] == best_step
     # The final valid evaluation is of the best weights, and so is the exported model file.
     assert round(results["splits"]["valid"]["loss"], 4) == losses[best_step]
+    from trainer.state.checkpoints import restore_model
     from trainer.state.run_dir import SavedRun
     run = SavedRun.load(str(model_dir))
-    best_model = run.restore_model(run.checkpoint_path("best"))
+    best_model = restore_model(run, run.checkpoint_path("best"))
     exported = keras.models.load_model(model_dir / "model.keras")
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(exported(images), best_model(images), atol=1e-5)
@@ -200,6 +202,7 @@ def first_best_run(tmp_path_factory):
 
 
 def test_a_best_first_evaluation_is_what_every_output_holds(first_best_run):
+    from trainer.state.checkpoints import restore_model
     from trainer.state.run_dir import SavedRun
     model_dir, stdout, probe = first_best_run
     losses = _valid_losses(stdout)
@@ -216,8 +219,8 @@ def test_a_best_first_evaluation_is_what_every_output_holds(first_best_run):
     assert "the outputs hold the best checkpoint's weights: step 10" in stdout
     assert round(results["splits"]["valid"]["loss"], 4) == losses[10]
     run = SavedRun.load(str(model_dir))
-    best_weights = run.restore_model(best_path).get_weights()
-    last_weights = run.restore_model(run.checkpoint_path("latest")).get_weights()
+    best_weights = restore_model(run, best_path).get_weights()
+    last_weights = restore_model(run, run.checkpoint_path("latest")).get_weights()
     assert run.checkpoint_path("latest").endswith("ckpt-2")  # step 10's save and the final one
     assert not all(np.allclose(b, w) for b, w in zip(best_weights, last_weights))
     for path in (model_dir / "model.keras", model_dir / "export" / "40" / "model.keras"):
@@ -289,6 +292,7 @@ def test_a_restart_of_an_early_stopped_run_trains_nothing(early_run):
     assert not re.search(r"^epoch \d+ step", again.stdout, re.MULTILINE)
 
 
+@pytest.mark.quick
 def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
     from trainer.state.checkpoints import BestCheckpoint
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -308,6 +312,7 @@ def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
     assert other.update(20, 0.3) and other.evaluations_since_best == 0
 
 
+@pytest.mark.quick
 def test_early_stopping_start_reads_steps_epochs_a_fraction_or_the_warmup_end():
     from trainer.config import Config, RunPlan
     # 640 images at global batch 32: 20 steps per epoch, 200 steps, warmup 1.5 epochs = 30.
@@ -358,8 +363,9 @@ def test_evaluations_before_the_start_never_count_against_the_patience(tmp_path)
     assert early_stopping_reason(state) is not None
 
 
+@pytest.mark.quick
 def test_class_weights_line_names_the_extremes_or_says_all_are_equal():
-    from trainer.state.run_state import balanced_class_weights, describe_class_weights
+    from trainer.loop.run_state import balanced_class_weights, describe_class_weights
     names = ["ASTRONAUT", "SHUTTLE", "ROVER"]
     equal = balanced_class_weights([0, 1, 2, 0, 1, 2], 3)
     assert describe_class_weights(equal, names) == \
@@ -371,7 +377,7 @@ def test_class_weights_line_names_the_extremes_or_says_all_are_equal():
 
 def _checkpointed_state(directory, ema: bool = True):
     """What finishing restores from: a small model, its weight averages, the latest-K keeper
-    and the best checkpoint wired as trainer/state/run_state.py wires them."""
+    and the best checkpoint wired as trainer/loop/run_state.py wires them."""
     from types import SimpleNamespace
 
     from trainer.loop.ema import WeightAverage
@@ -400,6 +406,7 @@ def _weights_of(state) -> list[float]:
                      (state.weight_average.averages if state.weight_average else ())]
 
 
+@pytest.mark.quick
 def test_the_best_checkpoint_restores_whichever_evaluation_it_was(tmp_path, capsys):
     """Issue 25: the first evaluation's best checkpoint is written before CheckpointManager's
     first save, so it has no save counter; restoring it at the end must work like any other
@@ -460,8 +467,9 @@ def _demo_batch(demo_dir, per_class: dict[int, int]):
     return np.stack(images).astype("float32"), np.array(labels, "int32")
 
 
+@pytest.mark.quick
 def test_balanced_class_weights_scale_the_training_loss_as_the_formula_says(demo_dir):
-    from trainer.state.run_state import balanced_class_weights
+    from trainer.loop.run_state import balanced_class_weights
     images, labels = _demo_batch(demo_dir, {0: 6, 1: 1, 2: 1})  # 8 images, class 0 common
     weights = balanced_class_weights(labels, 4)
     np.testing.assert_allclose(weights, [8 / (4 * 6), 8 / 4, 8 / 4, 0.0])
@@ -678,6 +686,7 @@ def test_the_high_loss_gallery_shows_the_planted_mislabelled_images(calibrated_r
     assert losses == sorted(losses, reverse=True)
 
 
+@pytest.mark.quick
 def test_the_temperature_minimises_the_nll_and_is_not_fitted_to_a_perfect_split():
     from trainer.tools import calibration
     rng = np.random.default_rng(0)

@@ -49,6 +49,7 @@ def _train_few_steps(strategy, split, num_steps: int, global_batch: int):
     return initial, model.get_weights(), losses, metrics[0].results()
 
 
+@pytest.mark.quick
 def test_one_and_two_replicas_agree_and_report_the_true_loss(demo_dir, two_replicas):
     split = layout.scan_split(str(demo_dir), "train", layout.train_class_names(str(demo_dir)))
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -77,6 +78,7 @@ def test_one_and_two_replicas_agree_and_report_the_true_loss(demo_dir, two_repli
     assert losses2[0] == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.quick
 def test_37_images_over_two_replicas_are_evaluated_exactly_once(demo_dir, two_replicas):
     names = layout.train_class_names(str(demo_dir))
     split = layout.scan_split(str(demo_dir), "valid", names)

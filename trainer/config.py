@@ -80,7 +80,7 @@ class Config:
     keep_checkpoints: int = 3
     eval_batch_size: int = 0
     # Which checkpoint is best, when to stop, what the export returns
-    best_metric: str = 'valid/accuracy'  # a key of trainer/state/checkpoints.BEST_METRICS
+    best_metric: str = 'valid/accuracy'  # a key of BEST_METRICS above
     early_stopping_patience: int = 0  # valid evaluations without improvement; 0 = off
     # From when evaluations count against the patience: warmup (its end), N steps, Xepochs, or
     # a fraction F < 1 of the run (see parse_early_stopping_start)

@@ -90,9 +90,10 @@ def evaluate_run(model_dir: str, *, split: str = "test", data_dir: str | None = 
     files = _split_files(data_dir, run, split)
     tf = tool_flags.import_tensorflow()  # only now: the checks above answer at once
 
+    from trainer.state.checkpoints import restore_model
     from trainer.tools import analysis
     step = run.checkpoint_step(checkpoint)
-    model = run.restore_model(checkpoint)
+    model = restore_model(run, checkpoint)
     batch_size = batch_size or run.eval_batch_size
     eval_crop = run.eval_crop if eval_crop is None else float(eval_crop)
     data = source.open_source(data_dir, cache_dir=run.model_dir)

@@ -116,6 +116,7 @@ def export_run(model_dir: str, *, checkpoint: str = "latest", format: str = "sav
     run = SavedRun.load(model_dir)
     checkpoint = run.checkpoint_path(checkpoint)
     tool_flags.import_tensorflow()
+    from trainer.state.checkpoints import restore_model
     from trainer.tools import serving
     step = run.checkpoint_step(checkpoint)
     if version == "step" and step is None:
@@ -129,7 +130,7 @@ def export_run(model_dir: str, *, checkpoint: str = "latest", format: str = "sav
         raise tool_flags.ToolError(f"{os.path.join(export_root, str(version))} already exists "
                                    f"(versions are never overwritten; pass --overwrite or "
                                    f"another --version)")
-    model = run.restore_model(checkpoint)
+    model = restore_model(run, checkpoint)
     temperature, source = _temperature(run, step, temperature)
     done = f"exported checkpoint {checkpoint} (step {step}) to"
     if format == "tflite":

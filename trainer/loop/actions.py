@@ -20,7 +20,7 @@ from trainer.loop.resume import MAX_ROLLBACKS
 from trainer.loop.runner import LoopResult, StepRunner
 from trainer.report import figures, summaries
 from trainer.report.console import log
-from trainer.state.run_state import RunState
+from trainer.loop.run_state import RunState
 from trainer.tools import analysis
 
 

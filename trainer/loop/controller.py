@@ -7,7 +7,7 @@ from trainer.errors import EXIT_PREEMPTED, Preempted
 from trainer.loop.actions import BackboneFreeze, NonFiniteGuard, StopSignal
 from trainer.loop.runner import StepRunner
 from trainer.report.console import Reporter, log
-from trainer.state.run_state import RunState
+from trainer.loop.run_state import RunState
 
 __all__ = ["Controller", "EXIT_PREEMPTED", "Preempted"]  # the last two: trainer.errors'
 

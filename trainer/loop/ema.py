@@ -11,8 +11,8 @@ update), so averaging needs no communication.
 with t the optimizer's update count: the warm-up keeps early averages from being dominated by
 the random initial weights in short runs. The averages are in the checkpoint (`ema/averages/i`),
 so a resumed run continues the same average. `applied()` swaps them into the model for
-evaluation and export; `restore_into(model, checkpoint)` loads them from a checkpoint into a
-freshly built model (the evaluate/export tools).
+evaluation and export; state/checkpoints.py's `restore_model` loads them into a freshly built
+model (the evaluate/export tools).
 """
 from __future__ import annotations
 
@@ -21,13 +21,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
-
-class _Averages(tf.Module):
-    """The checkpointed object: only the list of averages (never the model's own weights)."""
-
-    def __init__(self, averages: list[tf.Variable]):
-        super().__init__(name="ema")
-        self.averages = averages
+from trainer.state.checkpoints import EmaAverages, tf_variable
 
 
 class WeightAverage:
@@ -36,7 +30,7 @@ class WeightAverage:
         weights: the averages start as a copy of them."""
         self.decay = float(decay)
         self.variables = list(model.trainable_variables)
-        self.trackable = _Averages([
+        self.trackable = EmaAverages([
             tf.Variable(tf.convert_to_tensor(v), trainable=False,
                         name=f"ema_{i}") for i, v in enumerate(self.variables)])
 
@@ -53,7 +47,7 @@ class WeightAverage:
             return average.assign(decay * average + (1.0 - decay) * tf.cast(weight, tf.float32))
 
         for average, variable in zip(self.averages, self.variables):
-            strategy.extended.update(average, step, args=(_tf_variable(variable),), group=False)
+            strategy.extended.update(average, step, args=(tf_variable(variable),), group=False)
 
     @contextlib.contextmanager
     def applied(self):
@@ -67,17 +61,3 @@ class WeightAverage:
         finally:
             for variable, value in zip(self.variables, saved):
                 variable.assign(value)
-
-
-def _tf_variable(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
-def restore_into(model: keras.Model, checkpoint_path: str) -> None:
-    """Assign the averages saved in `checkpoint_path` to `model`'s trainable variables (a model
-    built afresh by the registry, nothing frozen: the same variables in the same order as when
-    the averages were created). Raises checkpoints.CheckpointMismatch (a ValueError) if the
-    checkpoint lacks some of them."""
-    from trainer.state.checkpoints import restore_objects
-    restore_objects(checkpoint_path,
-                    ema=_Averages([_tf_variable(v) for v in model.trainable_variables]))

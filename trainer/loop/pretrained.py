@@ -80,11 +80,12 @@ def _imagenet(config: Config) -> Donor:
 
 
 def _from_run(model_dir: str) -> Donor:
+    from trainer.state.checkpoints import restore_model
     from trainer.state.run_dir import RunError, SavedRun
     try:
         run = SavedRun.load(model_dir)
         checkpoint = run.checkpoint_path("latest")
-        model = run.restore_model(checkpoint)
+        model = restore_model(run, checkpoint)
     except RunError as e:
         raise PretrainedError(f"--pretrained={model_dir}: {e}") from None
     return Donor(model, f"the {run.model_name} of {checkpoint} ({len(run.class_names)} classes)",

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.loop import inputs as run_inputs
-from trainer.state.run_state import RunState
+from trainer.loop.run_state import RunState
 from trainer.tools import analysis
 
 

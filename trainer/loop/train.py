@@ -12,7 +12,7 @@ Order of resume (each step needs the one before):
   4. the plan: the saved plan.json continued (an accepted schedule change folded in), or a new
      one from the config, the replica count and the training set's size
   5. model, optimizer and counters in the strategy scope; the optimizer built before the first
-     traced step (state/run_state.py)
+     traced step (loop/run_state.py)
   6. restore the latest checkpoint: weights, optimizer slots, step, skipped batches, rollbacks,
      weight averages
   7. the input pipeline started at data position step + skipped batches: epoch = position //
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -38,18 +39,19 @@ import tensorflow as tf
 from data.augment import Augment
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, epochs_to_steps, parse_profile_steps
-from trainer.loop import actions, distribute, finish, inputs, precision, pretrained, resume
 from trainer import errors
 from trainer.errors import EXIT_PEER_LOST, PeerLost, Preempted, TrainingError
+from trainer.loop import (actions, distribute, finish, inputs, precision, pretrained, resume,
+                          run_state)
 from trainer.loop.controller import Controller
 from trainer.loop.inputs import Inputs
-from trainer.loop.optimization import continue_plan, rebatched
+from trainer.loop.optimization import continue_plan, learning_rate_of_step, rebatched
+from trainer.loop.run_state import RunState
 from trainer.loop.runner import StepRunner
 from trainer.report import figures, summaries
 from trainer.report.console import Reporter, log
 from trainer.report.performance import Speedometer
-from trainer.state import recovery, run_dir, run_lock, run_state
-from trainer.state.run_state import RunState
+from trainer.state import recovery, run_dir, run_lock
 
 
 def run(config: Config) -> dict:
@@ -193,7 +195,8 @@ def _controller(state: RunState) -> Controller:
                                 state.strategy)
     reporter = Reporter(plan, state.writers, speed, input_is_upper_bound=plan.num_replicas > 1
                         and not distribute.input_options(state.strategy)
-                        .experimental_fetch_to_device)
+                        .experimental_fetch_to_device,
+                        learning_rate=functools.partial(learning_rate_of_step, plan))
     freeze_steps = min(plan.total_steps,
                        epochs_to_steps(config.freeze_backbone_epochs, plan.steps_per_epoch))
     extras = [actions.StepLossLog(os.path.join(state.work_dir, "step_losses.tsv")),
@@ -341,7 +344,9 @@ def _write_run_description(config: Config, plan: RunPlan, data: Inputs,
     rows = summaries.public_fields(config_rows) | {f"plan.{k}": v for k, v in plan_rows.items()}
     writers.text(writers.train, 0, "config", summaries.markdown_table(rows))
     writers.text(writers.train, 0, "environment",
-                 summaries.markdown_table(summaries.environment(state.strategy)))
+                 summaries.markdown_table(summaries.environment(
+                     state.strategy, distribute.num_workers(state.strategy),
+                     precision.detect_hardware().describe())))
     if writers.model_dir:
         summaries.write_hparams(writers.model_dir,
                                 summaries.hparam_values(config_rows, plan_rows))

@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from data.progress import format_duration
 
 from trainer.config import RunPlan
-from trainer.loop.optimization import learning_rate_of_step
-from trainer.loop.runner import LoopResult
 from trainer.report import summaries
 from trainer.report.performance import Speedometer
+
+if TYPE_CHECKING:  # the report takes the loop's values; it never imports the loop
+    from trainer.loop.runner import LoopResult
 
 
 def log(message: str) -> None:
@@ -44,8 +46,10 @@ def notebook_bar(total_steps: int):
 
 class Reporter:
     def __init__(self, plan: RunPlan, writers: summaries.Summaries, speed: Speedometer,
-                 input_is_upper_bound: bool):
+                 input_is_upper_bound: bool, learning_rate: Callable[[int], float]):
+        """`learning_rate(step)`: the schedule's rate at a step (loop/optimization.py)."""
         self.plan, self.writers, self.speed = plan, writers, speed
+        self.learning_rate = learning_rate
         # With several replicas on one CPU the input timer also catches the other logical
         # device's work: an upper bound, shown as such (docs/benchmarks.md).
         self.input_mark = "<=" if input_is_upper_bound else ""
@@ -65,7 +69,7 @@ class Reporter:
         finally:
             self.overhead_seconds += time.time() - start
 
-    def train_loop(self, result: LoopResult) -> dict[str, float]:
+    def train_loop(self, result: "LoopResult") -> dict[str, float]:
         """The loop's values (metrics, learning rate, speed), written and printed."""
         plan = self.plan
         rate = result.num_steps * plan.global_batch_size / result.seconds
@@ -75,7 +79,7 @@ class Reporter:
             self.loop_rates.append(rate)
             if result.input_seconds is not None:
                 self.input_shares.append(result.input_seconds / result.seconds)
-        values = dict(result.metrics, learning_rate=learning_rate_of_step(plan, result.last_step),
+        values = dict(result.metrics, learning_rate=self.learning_rate(result.last_step),
                       images_per_second=rate, step_time_ms=1000 * result.seconds /
                       result.num_steps, mfu=self.speed.mfu(rate))
         if result.input_seconds is not None:

@@ -6,10 +6,6 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer.loop import distribute
-
-from trainer.loop import precision  # noqa: E402
-
 
 class Summaries:
     """`train` and `eval` writers under model_dir (or no-op writers on non-chief workers)."""
@@ -74,8 +70,9 @@ def git_commit(directory: str | None = None) -> str:
     return f"{commit}+modified" if dirty else (commit or "unknown")
 
 
-def environment(strategy) -> dict[str, object]:
-    """Versions, devices and replicas of this process, for the `environment` text summary."""
+def environment(strategy, workers: int, precision_hardware: str) -> dict[str, object]:
+    """Versions, devices and replicas of this process, for the `environment` text summary
+    (`precision_hardware`: loop/precision.py's description of what the CPU or GPU offers)."""
     import platform
     import sys
 
@@ -84,11 +81,11 @@ def environment(strategy) -> dict[str, object]:
             "python": sys.version.split()[0], "numpy": np.__version__,
             "host": platform.node(), "platform": platform.platform(),
             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-            "workers": distribute.num_workers(strategy),
+            "workers": workers,
             "devices": ", ".join(d.name for d in tf.config.list_logical_devices()),
             "git_commit": git_commit(),
             "precision": keras.mixed_precision.global_policy().name,
-            "precision_hardware": precision.detect_hardware().describe()}
+            "precision_hardware": precision_hardware}
     for i, gpu in enumerate(tf.config.list_physical_devices("GPU")):
         rows[f"gpu{i}"] = tf.config.experimental.get_device_details(gpu).get("device_name", "?")
     return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import tensorflow as tf
 
 from data.files import atomic_write_text, fsync_path
@@ -88,6 +89,20 @@ class CheckpointMismatch(ValueError):
         self.detail = detail
 
 
+class EmaAverages(tf.Module):
+    """What a checkpoint holds of --ema_decay (`ema/averages/i`, trainer/loop/ema.py): only
+    the list of averages, never the model's own weights."""
+
+    def __init__(self, averages: list[tf.Variable]):
+        super().__init__(name="ema")
+        self.averages = averages
+
+
+def tf_variable(variable):
+    """The tf.Variable behind a Keras 3 variable (checkpoints and tf.distribute need it)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
 def restore_objects(path: str, **objects) -> None:
     """Restore `objects` (e.g. model=..., ema=...) from the checkpoint at `path`, one rule for
     all of them: every variable they hold must have a value there, and whatever else the
@@ -105,6 +120,30 @@ def restore_objects(path: str, **objects) -> None:
         first = text.splitlines()[0][:200] if text else type(e).__name__
         raise CheckpointMismatch(f"checkpoint {path} does not hold every value of the "
                                  f"{' and '.join(objects)} ({first})", first) from None
+
+
+def restore_model(run: SavedRun, path: str) -> keras.Model:
+    """`run`'s model in float32 with the weights of checkpoint `path` (only the model is
+    restored: the optimizer slots and step in the checkpoint are left unread). A run trained
+    with --ema_decay gets the averaged weights, as its evaluations and export did."""
+    from models import registry
+    keras.mixed_precision.set_global_policy("float32")
+    model = registry.build(run.model_name, len(run.class_names), run.image_size)
+    try:
+        restore_objects(path, model=model)
+    except CheckpointMismatch as e:
+        raise RunError(f"checkpoint {path} does not hold the weights of a {run.model_name} "
+                       f"model with {len(run.class_names)} classes ({e.detail})") from None
+    if float(run.config.get("ema_decay") or 0) > 0:
+        try:
+            # The averages restored straight into the model's own variables: a model built afresh
+            # by the registry, nothing frozen, has them in the order the averages were made.
+            restore_objects(path, ema=EmaAverages([tf_variable(v)
+                                                   for v in model.trainable_variables]))
+        except CheckpointMismatch as e:
+            raise RunError(f"checkpoint {path} lacks the averaged weights of a run with "
+                           f"--ema_decay ({e.detail})") from None
+    return model
 
 
 _SHORT = {"valid/accuracy": "valid acc", "valid/loss": "valid loss",

@@ -14,7 +14,7 @@ the tools alike. No TensorFlow at import, so that a wrong --model_dir is answere
     .lock           the lock of the process writing the run (state/run_lock.py)
 
 `SavedRun.load(model_dir)` reads config, classes and plan; `checkpoint_path` resolves
-latest|best|PATH and `restore_model` builds the run's model and restores only its weights.
+latest|best|PATH (state/checkpoints.py's `restore_model` builds the run's model from it).
 """
 from __future__ import annotations
 
@@ -129,31 +129,6 @@ class SavedRun:
             return int(tf.train.load_variable(path, STEP_KEY))
         except (tf.errors.NotFoundError, ValueError):
             return None
-
-    def restore_model(self, path: str):
-        """The run's model in float32 with the weights of checkpoint `path` (only the model is
-        restored: the optimizer slots and step in the checkpoint are left unread). A run
-        trained with --ema_decay gets the averaged weights, as its evaluations and export did."""
-        import keras
-
-        from models import registry
-        from trainer.state.checkpoints import CheckpointMismatch, restore_objects
-        keras.mixed_precision.set_global_policy("float32")
-        model = registry.build(self.model_name, len(self.class_names), self.image_size)
-        try:
-            restore_objects(path, model=model)
-        except CheckpointMismatch as e:
-            raise RunError(f"checkpoint {path} does not hold the weights of a "
-                           f"{self.model_name} model with {len(self.class_names)} classes "
-                           f"({e.detail})") from None
-        if float(self.config.get("ema_decay") or 0) > 0:
-            from trainer.loop import ema
-            try:
-                ema.restore_into(model, path)
-            except CheckpointMismatch as e:
-                raise RunError(f"checkpoint {path} lacks the averaged weights of a run with "
-                               f"--ema_decay ({e.detail})") from None
-        return model
 
 
 def latest_checkpoint(directory: str) -> str | None:

@@ -21,7 +21,9 @@ from trainer.config import Config, RunPlan
 from trainer.loop.ema import WeightAverage
 from trainer.errors import TrainingError
 from trainer.loop.inputs import Inputs
+from trainer.loop import testing_aids
 from trainer.loop.optimization import make_optimizer
+from trainer.loop.recipes import Recipe
 from trainer.loop.step import Metrics, StepFunctions
 from trainer.report import summaries
 from trainer.state import checkpoints, run_dir
@@ -127,19 +129,18 @@ def create(config: Config, plan: RunPlan, inputs: Inputs, strategy, chief: bool,
         eval_metrics = Metrics.create("eval", len(inputs.class_names))
         gradient_norm = keras.metrics.Mean(name="gradient_norm") \
             if config.summary_histograms else None
+    class_weights = balanced_class_weights(inputs.train.labels, len(inputs.class_names)) \
+        if config.class_weight == "balanced" and not inputs.synthetic else None
+    if class_weights is not None:
+        log(describe_class_weights(class_weights, inputs.class_names))
     steps = StepFunctions(
         strategy, model, optimizer, global_batch_size=plan.global_batch_size,
-        train_metrics=train_metrics, eval_metrics=eval_metrics, xla=config.xla,
-        clip_grad_norm=config.clip_grad_norm, gradient_norm=gradient_norm,
-        time_input=not config.deterministic, label_smoothing=config.label_smoothing,
-        grad_accum_steps=config.grad_accum_steps, weight_average=weight_average, step=step,
-        skipped_batches=skipped,
-        nan_batches=tuple(int(b) for b in config.debug_nan_batches.split(",") if b),
-        record_ids=config.debug_record_batches and not inputs.synthetic,
-        class_weights=balanced_class_weights(inputs.train.labels, len(inputs.class_names))
-        if config.class_weight == "balanced" and not inputs.synthetic else None)
-    if steps.class_weights is not None:
-        log(describe_class_weights(steps.class_weights.numpy(), inputs.class_names))
+        train_metrics=train_metrics, eval_metrics=eval_metrics,
+        recipe=Recipe.from_config(config, class_weights), xla=config.xla,
+        gradient_norm=gradient_norm, time_input=not config.deterministic,
+        weight_average=weight_average, step=step,
+        record_ids=config.debug_record_batches and not inputs.synthetic)
+    testing_aids.install(steps, config, step, skipped)
     checkpoint_dir = os.path.join(work_dir, run_dir.CHECKPOINT_DIR)
     keeper = checkpoints.CheckpointKeeper(
         checkpoint_dir, model=model, optimizer=optimizer, step=step,
