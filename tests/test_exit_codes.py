@@ -62,6 +62,7 @@ def _full(error_call):
 
 
 # ---- classification (in process, real errors) --------------------------------------------------
+@pytest.mark.quick
 def test_full_read_only_and_size_limited_disks_are_recognised_with_their_path(tmp_path):
     with _tmpfs(tmp_path / "disk", "256k") as disk:
         writer = tf.summary.create_file_writer(str(disk / "train"))
@@ -100,6 +101,7 @@ def test_full_read_only_and_size_limited_disks_are_recognised_with_their_path(tm
     assert errors.disk_error(errors.TrainingError("--data_dir: no train/ split")) is None
 
 
+@pytest.mark.quick
 def test_a_file_over_its_size_limit_is_recognised(tmp_path):
     """EFBIG from a real RLIMIT_FSIZE (set in a child: SIGXFSZ ignored, so the write fails)."""
     code = ("import resource, signal, sys\n"
@@ -118,6 +120,7 @@ def test_a_file_over_its_size_limit_is_recognised(tmp_path):
     assert os.listdir(tmp_path) == []  # the temporary file is gone
 
 
+@pytest.mark.quick
 def test_results_json_on_a_full_disk_keeps_the_previous_file_whole(tmp_path):
     with _tmpfs(tmp_path / "disk", "64k") as disk:
         results = disk / "results.json"
@@ -130,6 +133,7 @@ def test_results_json_on_a_full_disk_keeps_the_previous_file_whole(tmp_path):
         assert sorted(os.listdir(disk)) == ["filler", "results.json"]  # no temporary left
 
 
+@pytest.mark.quick
 def test_only_errors_that_say_a_peer_is_gone_are_a_lost_peer(tmp_path):
     with pytest.raises(tf.errors.InvalidArgumentError) as bad_image:
         tf.io.decode_jpeg(b"\xff\xd8 not a jpeg")
@@ -151,6 +155,7 @@ def test_only_errors_that_say_a_peer_is_gone_are_a_lost_peer(tmp_path):
     assert [errors.is_peer_lost(e) for e in peer] == [True] * len(peer)
 
 
+@pytest.mark.quick
 def test_a_first_signal_outside_the_loop_raises_and_a_second_exits_at_once():
     """In a child process: INTERRUPTS raises Interrupted outside a deferred block, records a
     signal inside one, and a second signal ends the process at once with 128 + signal."""
@@ -325,6 +330,9 @@ def test_sigterm_during_the_s3_sync_exits_75_keeping_only_whole_files(s3_server,
                      "--s3_anon", f"--s3_endpoint_url={s3_server.endpoint_url}",
                      f"--model_dir={tmp_path / 'run'}", *FLAGS)
     _wait_for_line(process, "syncing s3://exit-codes-sync/demo to ")
+    local = cache / "exit-codes-sync" / "demo"
+    # the downloads have begun: the first split folder appears (inotify, no polling)
+    assert wait_for_entry(local, lambda name: name in ("train", "valid", "test"), timeout=60)
     process.send_signal(signal.SIGTERM)
     start = time.time()
     code, lines = _end(process)
@@ -332,8 +340,8 @@ def test_sigterm_during_the_s3_sync_exits_75_keeping_only_whole_files(s3_server,
     assert code == errors.EXIT_PREEMPTED, lines[-20:]
     assert "Traceback" not in "\n".join(lines)
     assert lines[-1].startswith("trainer: stopped by signal 15 outside the training loop"), lines
-    local = cache / "exit-codes-sync" / "demo"
     kept = [p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")]
     for path in kept:  # a file under its final name is whole
         assert path.read_bytes() == (source / path.relative_to(local)).read_bytes(), path
-    print(f"exit 75 {elapsed:.1f} s after the SIGTERM, {len(kept)} whole files kept")
+    every = sum(1 for p in local.rglob("*") if p.is_file())
+    print(f"exit 75 {elapsed:.1f} s after the SIGTERM, {len(kept)} whole files kept, {every} in all")
