@@ -33,8 +33,9 @@ pytestmark = pytest.mark.quick
 class CountingRunner:
     """Runs `num_steps` by adding them to the step counter; records each call."""
 
-    def __init__(self, state: RunState):
+    def __init__(self, state: RunState, valid_loss=lambda step: 1.0 / step):
         self.state, self.loops, self.evaluations = state, [], []
+        self.valid_loss = valid_loss
 
     def train(self, num_steps: int) -> LoopResult:
         first = self.state.current_step + 1
@@ -47,29 +48,34 @@ class CountingRunner:
     def evaluate(self, split: str):
         step = self.state.current_step
         self.evaluations.append((split, step))
-        return {"loss": 1.0 / step, "accuracy": 0.5, "top5_accuracy": 1.0, "images": 8}, None
+        return {"loss": self.valid_loss(step), "accuracy": 0.5, "top5_accuracy": 1.0,
+                "images": 8}, None
 
 
-def _state(tmp_path, *, total_steps=20, steps_per_loop=4, eval_every=10, checkpoint_every=5):
+def _state(tmp_path, *, total_steps=20, steps_per_loop=4, eval_every=10, checkpoint_every=5,
+           **options):
     config = Config(data_dir=str(tmp_path), model_dir=str(tmp_path), steps_per_loop=steps_per_loop,
-                    eval_every_steps=eval_every, checkpoint_every_steps=checkpoint_every)
+                    eval_every_steps=eval_every, checkpoint_every_steps=checkpoint_every,
+                    **options)
     plan = dataclasses.replace(RunPlan.make(config, 1, 320), total_steps=total_steps)
     no_files = layout.SplitFiles("valid", (), ())
     step = tf.Variable(0, dtype=tf.int64)
     keeper = checkpoints.CheckpointKeeper(
         str(tmp_path / run_dir.CHECKPOINT_DIR), model=tf.Module(), optimizer=tf.Module(),
         step=step, max_to_keep=10, every_steps=checkpoint_every)
+    best = checkpoints.BestCheckpoint(str(tmp_path / run_dir.BEST_DIR), keeper.checkpoint,
+                                      metric=config.best_metric)
     fields = {f.name: None for f in dataclasses.fields(RunState)}
     return RunState(**dict(fields, config=config, plan=plan, chief=True, work_dir=str(tmp_path),
                            inputs=Inputs(["a", "b"], no_files, {"valid": no_files}),
                            step=step, skipped_batches=tf.Variable(0, dtype=tf.int64),
-                           keeper=keeper, writers=summaries.Summaries(None)))
+                           keeper=keeper, best=best, writers=summaries.Summaries(None)))
 
 
-def _controller(state, extra_actions=()):
+def _controller(state, extra_actions=(), **runner_options):
     reporter = Reporter(state.plan, state.writers, Speedometer(1.0, 1e15),
                         input_is_upper_bound=False, learning_rate=lambda step: 0.1)
-    runner = CountingRunner(state)
+    runner = CountingRunner(state, **runner_options)
     return Controller(state, runner, reporter, list(extra_actions)), runner
 
 
@@ -134,6 +140,31 @@ def test_an_action_stops_the_run_early_and_limits_and_undoes_loops(tmp_path):
     assert runner.loops[:4] == [(1, 3), (4, 3), (4, 3), (7, 3)]
     assert 4 in seen and seen.count(4) == 1  # the undone loop reached no other action
     assert controller.stopped_early == "early stop at 20" and state.current_step == 20
+
+
+def test_early_stopping_stops_after_the_patience_and_a_restart_trains_nothing(tmp_path):
+    """The real TrackBest and BestCheckpoint: valid loss best at step 10, then two evaluations
+    without a lower one (15, 20) with --early_stopping_patience=2: the run stops at 20, the
+    best checkpoint holds step 10, and a restart from the saved checkpoint trains nothing."""
+    losses = {5: 1.0, 10: 0.8, 15: 0.9, 20: 0.85, 25: 0.5}
+    options = dict(total_steps=40, steps_per_loop=5, eval_every=5, checkpoint_every=5,
+                   early_stopping_patience=2, best_metric="valid/loss",
+                   early_stopping_start="5")
+    state = _state(tmp_path, **options)
+    controller, runner = _controller(state, [actions.TrackBest(state)],
+                                     valid_loss=losses.get)
+    controller.train()
+    assert controller.stopped_early.startswith(
+        "early stopping at step 20: valid/loss has not improved for 2 evaluations")
+    assert runner.evaluations == [("valid", s) for s in (5, 10, 15, 20)]
+    assert state.best.state["step"] == 10 and _saved_steps(state)[-1] == 20
+
+    again = _state(tmp_path, **options)
+    again.keeper.restore_latest()
+    controller, runner = _controller(again, [actions.TrackBest(again)], valid_loss=losses.get)
+    controller.train()
+    assert runner.loops == [] and controller.stopped_early.startswith(
+        "early stopping at step 20")
 
 
 def test_a_misspelt_hook_is_an_error_when_the_action_is_defined():
