@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -44,6 +45,18 @@ def parse_address(value: str) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} is not {PROTOCOL}://HOST:PORT")
     return f"{host}:{port}"
+
+
+def dispatcher_unreachable(address: str, timeout: float = 2.0) -> str | None:
+    """None when HOST:PORT of `address` (grpc://HOST:PORT) accepts a TCP connection within
+    `timeout` seconds, else why not (one phrase). A plain connect, because the service's own
+    client retries for an hour inside TensorFlow, where no signal or timeout reaches it."""
+    host, _, port = parse_address(address).rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
 
 
 def _serve(server, what: str) -> int:

@@ -71,6 +71,7 @@ class Config:
     s3_anon: bool = False
     s3_endpoint_url: str | None = None
     data_service: str = ''  # grpc://HOST:PORT of a tf.data service dispatcher, or ""
+    data_service_timeout: float = 120.0  # seconds without a batch from the service: stop (75)
     synthetic_data: bool = False
     synthetic_classes: int = 1000
     export_at_end: bool = True

@@ -45,10 +45,21 @@ def main(argv: list[str]) -> int:
         os._exit(EXIT_PEER_LOST)
     except (LayoutError, StrategyError, TrainingError, RunError) as e:
         print(f"trainer: {e}", file=sys.stderr)
-        return 1
+        return _exit(config, 1)
     except Preempted:
-        return EXIT_PREEMPTED
-    return 0
+        return _exit(config, EXIT_PREEMPTED)
+    return _exit(config, 0)
+
+
+def _exit(config, code: int) -> int:
+    """With --data_service, exit at once (files are closed, the lock released): the service
+    client's threads retry a lost worker or dispatcher for up to an hour, and the interpreter's
+    shutdown would wait on them (trainer/loop/service_watch.py)."""
+    if config.data_service:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def entry() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from trainer.loop.actions import BackboneFreeze, NonFiniteGuard, StopSignal
 from trainer.loop.runner import StepRunner
+from trainer.loop.service_watch import InputLost
 from trainer.report.console import Reporter, log
 from trainer.loop.run_state import RunState
 
@@ -44,7 +45,10 @@ class Controller:
             self.freeze.update(step)
             num = self._loop_length(step)
             self._each("before_loop", step + 1, step + num)
-            result = self.runner.train(num)
+            try:
+                result = self.runner.train(num)
+            except InputLost as e:
+                self.input_lost(e)
             if not self.guard.check(result):
                 continue  # rolled back to the latest checkpoint: the loop is undone
             self.last_step = result.last_step
@@ -80,6 +84,16 @@ class Controller:
         log(f"stopped by {who}{during} at step {s.current_step}: "
             f"checkpoint {path} saved; run again with the same --model_dir to "
             f"{'finish' if during else 'resume'} (exit code {EXIT_PREEMPTED})")
+        raise Preempted(s.current_step)
+
+    def input_lost(self, lost: InputLost) -> None:
+        """The tf.data service stopped feeding the loop (service_watch.py): save the steps
+        actually completed (the step counter, so the data position too) and stop like a
+        preemption."""
+        s = self.state
+        path = s.keeper.save(force=True) or s.keeper.manager.latest_checkpoint
+        log(f"{lost}: checkpoint {path} saved at step {s.current_step}; run again with the same "
+            f"--model_dir to resume (exit code {EXIT_PREEMPTED})")
         raise Preempted(s.current_step)
 
     def close(self) -> None:
