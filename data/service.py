@@ -17,6 +17,10 @@ up to W epochs arrive interleaved in arrival order, so a resumed run sees the sa
 batches in another order, and MixUp/CutMix pairs are seeded by each worker's own batch count.
 Evaluation does not go through the service: it runs in the trainer, so every image is
 evaluated exactly once whatever the worker count.
+
+Faults: the service's client retries a lost worker or dispatcher inside TensorFlow for up to
+an hour; the trainer bounds those waits (trainer/loop/service_watch.py, --data_service_timeout)
+with `dispatcher_unreachable` before it registers the dataset.
 """
 from __future__ import annotations
 

@@ -51,6 +51,13 @@ class ServiceWatch:
         self.address, self.timeout, self.read_step = address, timeout, read_step
         self._signals = None  # the read end of the wakeup socket while one is installed
 
+    def describe(self) -> str:
+        """The start-up line."""
+        return (f"data service {self.address}: a batch is awaited at most "
+                f"--data_service_timeout={self.timeout:g} s, then the run saves its step and "
+                f"stops (exit 75); a resume keeps the step and the position in the epoch, not "
+                f"the exact batches (docs/reliability.md)")
+
     def wait_for_dispatcher(self) -> None:
         """Returns once the dispatcher's port answers; InputLost after `timeout` seconds or at a
         signal."""
