@@ -17,12 +17,17 @@ up to W epochs arrive interleaved in arrival order, so a resumed run sees the sa
 batches in another order, and MixUp/CutMix pairs are seeded by each worker's own batch count.
 Evaluation does not go through the service: it runs in the trainer, so every image is
 evaluated exactly once whatever the worker count.
+
+Faults: the service's client retries a lost worker or dispatcher inside TensorFlow for up to
+an hour; the trainer bounds those waits (trainer/loop/service_watch.py, --data_service_timeout)
+with `dispatcher_unreachable` before it registers the dataset.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -44,6 +49,18 @@ def parse_address(value: str) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{value!r} is not {PROTOCOL}://HOST:PORT")
     return f"{host}:{port}"
+
+
+def dispatcher_unreachable(address: str, timeout: float = 2.0) -> str | None:
+    """None when HOST:PORT of `address` (grpc://HOST:PORT) accepts a TCP connection within
+    `timeout` seconds, else why not (one phrase). A plain connect, because the service's own
+    client retries for an hour inside TensorFlow, where no signal or timeout reaches it."""
+    host, _, port = parse_address(address).rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
 
 
 def _serve(server, what: str) -> int:

@@ -75,6 +75,7 @@ class Config:
     s3_endpoint_url: str | None = None
     s3_delete_removed: bool = False  # the sync deletes local files no longer in the bucket
     data_service: str = ''  # grpc://HOST:PORT of a tf.data service dispatcher, or ""
+    data_service_timeout: float = 120.0  # seconds without a batch from the service: stop (75)
     synthetic_data: bool = False
     synthetic_classes: int = 1000
     export_at_end: bool = True

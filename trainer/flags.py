@@ -211,6 +211,10 @@ flags.DEFINE_string("data_service", _D.data_service, "grpc://HOST:PORT of a tf.d
                     "dispatcher (`python -m data.service`): training input is decoded and "
                     "augmented by its workers, which must see --data_dir at the same path. "
                     "Empty: in this process.")
+flags.DEFINE_float("data_service_timeout", _D.data_service_timeout, "--data_service: seconds "
+                   "without a training batch from the service (a dead worker or dispatcher), or "
+                   "for the dispatcher to answer at start, before the run saves a checkpoint of "
+                   "the last completed step and exits with code 75.")
 flags.DEFINE_boolean("synthetic_data", _D.synthetic_data, "Train on in-memory random images instead of "
                      "--data_dir (no evaluation): the model's compute ceiling on this host.")
 flags.DEFINE_integer("synthetic_classes", _D.synthetic_classes, "Class count with --synthetic_data.",
@@ -360,6 +364,8 @@ for _name in ("collective_timeout", "crop_min_area", "eval_crop", "base_lr", "wa
               "backbone_lr_multiplier"):
     # absl's bounds let nan (and inf where there is no upper bound) through.
     flags.register_validator(_name, math.isfinite, message="must be a finite number")
+flags.register_validator("data_service_timeout", lambda value: 1 <= value < math.inf,
+                         message="must be a finite number of seconds >= 1")
 flags.register_validator("base_lr", lambda value: value > 0,
                          message="must be > 0 (a zero learning rate trains nothing)")
 flags.register_validator("eval_crop", lambda value: value > 0,

@@ -25,9 +25,10 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # absl INFO lines from TF's checkpoint saver
     config = trainer_flags.config_from_flags()
     try:
-        return _train(config)
+        code = _train(config)
     except errors.Interrupted as e:
-        return _interrupted(config, e.signal)
+        code = _interrupted(config, e.signal)
+    return _exit(config, code)
 
 
 def _train(config) -> int:
@@ -64,6 +65,17 @@ def _train(config) -> int:
             return errors.EXIT_FAILURE
         raise
     return 0
+
+
+def _exit(config, code: int) -> int:
+    """With --data_service, exit at once (files are closed, the lock released): the service
+    client's threads retry a lost worker or dispatcher for up to an hour, and the interpreter's
+    shutdown would wait on them (trainer/loop/service_watch.py)."""
+    if config.data_service:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _kept(config) -> str:

@@ -7,6 +7,7 @@ from trainer.errors import EXIT_PREEMPTED, Preempted
 from trainer.loop.actions import Action
 from trainer.loop.runner import StepRunner
 from trainer.loop.run_state import RunState
+from trainer.loop.service_watch import InputLost
 from trainer.report.console import Reporter, log
 
 __all__ = ["Controller", "EXIT_PREEMPTED", "Preempted"]  # the last two: trainer.errors'
@@ -22,6 +23,8 @@ class Controller:
         self.eval_every = state.config.eval_every_steps or state.plan.steps_per_epoch
         self.last_step = state.current_step  # the last step known done (for error messages)
         self.stopped_early: str | None = None  # the line saying why, when an action stopped
+        if runner.watch:  # --data_service
+            log(runner.watch.describe())
 
     def train(self) -> None:
         """Loops until the last step, or until an action asks to stop (early stopping: also
@@ -37,7 +40,10 @@ class Controller:
             self._each("at_loop_start", step)
             num = self._loop_length(step)
             self._each("before_loop", step + 1, step + num)
-            result = self.runner.train(num)
+            try:
+                result = self.runner.train(num)
+            except InputLost as e:
+                self.input_lost(e)
             if not all([action.accept(result) for action in self.actions]):
                 continue  # rolled back to the latest checkpoint: the loop is undone
             self.last_step = result.last_step
@@ -82,6 +88,16 @@ class Controller:
 
     def before_finish(self) -> None:
         self._each("before_finish")
+
+    def input_lost(self, lost: InputLost) -> None:
+        """The tf.data service stopped feeding the loop (service_watch.py): save the steps
+        actually completed (the step counter, so the data position too) and stop like a
+        preemption."""
+        s = self.state
+        path = s.keeper.save(force=True) or s.keeper.manager.latest_checkpoint
+        log(f"{lost}: checkpoint {path} saved at step {s.current_step}; run again with the same "
+            f"--model_dir to resume (exit code {EXIT_PREEMPTED})")
+        raise Preempted(s.current_step)
 
     def close(self) -> None:
         self._each("close")

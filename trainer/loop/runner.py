@@ -10,7 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.loop import inputs as run_inputs
+from trainer.loop import service_watch
 from trainer.loop.run_state import RunState
+from trainer.loop.service_watch import ServiceWatch
 from trainer.tools import analysis
 
 
@@ -34,13 +36,21 @@ class StepRunner:
         self.state = state
         self.iterator = None
         self._eval_datasets = {}
+        # --data_service: the waits on the service bounded (InputLost, see service_watch.py).
+        self.watch = ServiceWatch(state.config.data_service, state.config.data_service_timeout,
+                                  lambda: int(state.step.numpy())) \
+            if state.config.data_service else None
 
     def restart_input(self) -> None:
         """(Re)start the training input at the state's data position: after the restore, and
         after a rollback skipped batches."""
         s = self.state
+        if self.watch:  # registering the dataset would block for an hour on a dead dispatcher
+            self.watch.wait_for_dispatcher()
         self.iterator = run_inputs.train_iterator(s.config, s.plan, s.inputs, s.strategy,
                                                   s.position, s.end_position)
+        if self.watch:  # never destroyed (see service_watch.KEPT_ITERATORS)
+            service_watch.KEPT_ITERATORS.append(self.iterator)
 
     def train(self, num_steps: int) -> LoopResult:
         s = self.state
@@ -49,8 +59,14 @@ class StepRunner:
         first_step = s.current_step + 1
         s.train_metrics.reset()
         start = time.time()
-        step_losses, input_seconds, batch_ids = s.steps.train_loop(
-            self.iterator, tf.constant(num_steps, tf.int32))
+        args = (self.iterator, tf.constant(num_steps, tf.int32))
+        if self.watch:
+            # Traced first, so that the watch's clock does not count the tracing.
+            s.steps.train_loop.get_concrete_function(*args)
+            outputs = self.watch.run(s.steps.train_loop, *args)
+        else:
+            outputs = s.steps.train_loop(*args)
+        step_losses, input_seconds, batch_ids = outputs
         step_losses = step_losses.numpy()
         seconds = time.time() - start
         metrics = s.train_metrics.results()
