@@ -8,7 +8,9 @@ the module is defined in it.
 """
 from __future__ import annotations
 
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -65,10 +67,21 @@ def _broken_dotted(name: str) -> bool:
     return not re.search(DEFINES.format(re.escape(rest[0])), module.read_text(), re.M)
 
 
+def _prose(path: Path) -> str:
+    """The text a reader reads: for Python, its comments and strings (in code, `trainer.x` is
+    as likely an attribute of a variable named trainer); other files whole."""
+    text = path.read_text(errors="replace")
+    if path.suffix != ".py":
+        return text
+    tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+    return "\n".join(token.string for token in tokens
+                     if token.type in (tokenize.COMMENT, tokenize.STRING))
+
+
 def broken_references(files: list[Path]) -> list[str]:
     broken = []
     for path in files:
-        text = path.read_text(errors="replace")
+        text = _prose(path)
         where = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
         for match in PATH.finditer(text):
             target = match.group(1)

@@ -23,8 +23,6 @@ class Controller:
         self.eval_every = state.config.eval_every_steps or state.plan.steps_per_epoch
         self.last_step = state.current_step  # the last step known done (for error messages)
         self.stopped_early: str | None = None  # the line saying why, when an action stopped
-        if runner.watch:  # --data_service
-            log(runner.watch.describe())
 
     def train(self) -> None:
         """Loops until the last step, or until an action asks to stop (early stopping: also

@@ -193,6 +193,8 @@ def _controller(state: RunState) -> Controller:
     """The controller with its runner, reporter and actions for this run's flags."""
     config, plan = state.config, state.plan
     runner = StepRunner(state)
+    if runner.watch:  # --data_service: what a lost worker does to the run
+        log(runner.watch.describe())
     speed = Speedometer.measure(state.model, config.image_size, config.mixed_precision,
                                 state.strategy)
     reporter = Reporter(plan, state.writers, speed, input_is_upper_bound=plan.num_replicas > 1
