@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from data import layout
 from trainer.config import Config, RunPlan
-from trainer.errors import Preempted
+from trainer.errors import Preempted, TrainingError
 from trainer.loop import actions
 from trainer.loop.actions import Action
 from trainer.loop.controller import Controller
@@ -33,15 +34,21 @@ pytestmark = pytest.mark.quick
 class CountingRunner:
     """Runs `num_steps` by adding them to the step counter; records each call."""
 
-    def __init__(self, state: RunState, valid_loss=lambda step: 1.0 / step):
+    def __init__(self, state: RunState, valid_loss=lambda step: 1.0 / step,
+                 train_loss=lambda step: 1.0):
         self.state, self.loops, self.evaluations = state, [], []
-        self.valid_loss = valid_loss
+        self.valid_loss, self.train_loss = valid_loss, train_loss
+        self.input_restarts = 0
+
+    def restart_input(self) -> None:  # after a rollback: the input starts at the new position
+        self.input_restarts += 1
 
     def train(self, num_steps: int) -> LoopResult:
         first = self.state.current_step + 1
         self.state.step.assign_add(num_steps)
         self.loops.append((first, num_steps))
-        return LoopResult(first, num_steps, np.full(num_steps, 1.0), seconds=0.01,
+        losses = np.array([self.train_loss(first + i) for i in range(num_steps)])
+        return LoopResult(first, num_steps, losses, seconds=0.01,
                           input_seconds=None, metrics={"loss": 1.0, "accuracy": 0.5},
                           batch_ids=np.zeros((num_steps, 0)))
 
@@ -59,16 +66,21 @@ def _state(tmp_path, *, total_steps=20, steps_per_loop=4, eval_every=10, checkpo
                     **options)
     plan = dataclasses.replace(RunPlan.make(config, 1, 320), total_steps=total_steps)
     no_files = layout.SplitFiles("valid", (), ())
-    step = tf.Variable(0, dtype=tf.int64)
+    step, skipped, rollbacks = (tf.Variable(0, dtype=tf.int64) for _ in range(3))
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
     keeper = checkpoints.CheckpointKeeper(
-        str(tmp_path / run_dir.CHECKPOINT_DIR), model=tf.Module(), optimizer=tf.Module(),
-        step=step, max_to_keep=10, every_steps=checkpoint_every)
+        str(tmp_path / run_dir.CHECKPOINT_DIR), model=model, optimizer=optimizer, step=step,
+        max_to_keep=10, every_steps=checkpoint_every, skipped_batches=skipped,
+        rollbacks=rollbacks)
     best = checkpoints.BestCheckpoint(str(tmp_path / run_dir.BEST_DIR), keeper.checkpoint,
                                       metric=config.best_metric)
     fields = {f.name: None for f in dataclasses.fields(RunState)}
     return RunState(**dict(fields, config=config, plan=plan, chief=True, work_dir=str(tmp_path),
                            inputs=Inputs(["a", "b"], no_files, {"valid": no_files}),
-                           step=step, skipped_batches=tf.Variable(0, dtype=tf.int64),
+                           model=model, optimizer=optimizer, step=step,
+                           skipped_batches=skipped, rollbacks=rollbacks,
                            keeper=keeper, best=best, writers=summaries.Summaries(None)))
 
 
@@ -165,6 +177,41 @@ def test_early_stopping_stops_after_the_patience_and_a_restart_trains_nothing(tm
     controller.train()
     assert runner.loops == [] and controller.stopped_early.startswith(
         "early stopping at step 20")
+
+
+def _guarded(state, policy, train_loss):
+    controller, runner = _controller(state, [], train_loss=train_loss)
+    controller.actions.insert(0, actions.NonFiniteGuard(state, runner, policy))
+    return controller, runner
+
+
+def test_a_non_finite_loss_stops_the_run_without_saving_that_loop(tmp_path):
+    """--on_nan=stop (the real NonFiniteGuard): a NaN loss at step 7 ends the run in one line
+    naming the step; the checkpoint of that loop is never written."""
+    state = _state(tmp_path, checkpoint_every=1)
+    controller, runner = _guarded(state, "stop", lambda step: np.nan if step == 7 else 1.0)
+    with pytest.raises(TrainingError, match=r"^non-finite training loss at step 7; stopped "
+                                            r"without saving this loop \(latest checkpoint"):
+        controller.train()
+    assert _saved_steps(state) == [4]
+
+
+def test_a_non_finite_loss_rolls_back_and_skips_the_batches_of_that_loop(tmp_path):
+    """--on_nan=rollback: back to the checkpoint of step 4, the 4 batches of the failed loop
+    skipped (data position = step + 4), the input restarted there, then on to the end."""
+    state = _state(tmp_path, total_steps=12, checkpoint_every=1)
+    poisoned = []
+
+    def loss(step):  # NaN at step 7 the first time only (the batch at position 7 is skipped)
+        if step == 7 and not poisoned:
+            poisoned.append(step)
+            return np.nan
+        return 1.0
+    controller, runner = _guarded(state, "rollback", loss)
+    controller.train()
+    assert runner.loops == [(1, 4), (5, 4), (5, 4), (9, 2), (11, 2)]
+    assert int(state.skipped_batches.numpy()) == 4 and int(state.rollbacks.numpy()) == 1
+    assert runner.input_restarts == 1 and state.position == 12 + 4
 
 
 def test_a_misspelt_hook_is_an_error_when_the_action_is_defined():

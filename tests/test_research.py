@@ -285,13 +285,6 @@ def test_the_end_of_a_run_evaluates_each_split_once_and_everything_uses_that_pas
         assert [e.step for e in events.Tensors(tag)] == [40], tag
 
 
-def test_a_restart_of_an_early_stopped_run_trains_nothing(early_run):
-    model_dir, args, _, results = early_run
-    again = run_trainer(*args)
-    assert f"is finished ({results['steps']} of 80 steps, stopped early)" in again.stdout
-    assert not re.search(r"^epoch \d+ step", again.stdout, re.MULTILINE)
-
-
 @pytest.mark.quick
 def test_the_patience_count_is_part_of_the_checkpoint(tmp_path):
     from trainer.state.checkpoints import BestCheckpoint
