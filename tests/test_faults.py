@@ -359,6 +359,29 @@ def test_a_holder_that_lost_its_lock_stops_at_once(tmp_path):
 
 
 # ---- 2. model_dir rules ----------------------------------------------------------------------
+def test_a_synthetic_data_restart_of_a_real_run_is_refused_before_anything_is_written(
+        whole, tmp_path):
+    """Before, --synthetic_data on a real run rewrote classes.json (1000 synthetic classes) and
+    plan.json before its restore failed, and every later real resume was refused."""
+    run = whole.copy(tmp_path / "run")
+    before = {name: (run / name).read_bytes()
+              for name in ("classes.json", "plan.json", "config.json", "runs.jsonl")}
+    result = run_trainer(f"--model_dir={run}", "--synthetic_data", *FLAGS, check=False)
+    assert result.returncode == 1
+    assert _last_line(result).startswith(
+        "trainer: --synthetic_data=True but the run in ") and "used False" in _last_line(result)
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.quick
+def test_a_runs_log_that_does_not_parse_is_one_line_naming_the_line(tmp_path):
+    (tmp_path / run_dir.RUNS_FILE).write_text('{"time": "x"}\n{"broken\n')
+    with pytest.raises(run_dir.RunError) as refused:
+        run_dir.read_runs(str(tmp_path))
+    assert str(refused.value).startswith(f"{tmp_path / run_dir.RUNS_FILE}: line 2 is not valid "
+                                         f"JSON (") and "\n" not in str(refused.value)
+
+
 def test_a_folder_that_is_not_a_run_is_refused_in_one_line_before_anything_is_written(
         small_demo_dir, tmp_path):
     other = tmp_path / "other_project"

@@ -132,7 +132,7 @@ CHANGES = {"model": "small_resnet", "image_size": 40, "optimizer": "sgd", "batch
            "random_flip": False, "grad_accum_steps": 2, "backbone_lr_multiplier": 0.1,
            "freeze_backbone_epochs": 1.0, "ema_decay": 0.9, "mixed_precision": "bfloat16",
            "class_weight": "balanced", "balanced_sampling": True, "eval_crop": 0.875,
-           "early_stopping_start": "2epochs"}
+           "early_stopping_start": "2epochs", "synthetic_data": True}
 
 
 @pytest.mark.parametrize("name", sorted(set(resume.FIXED) | set(resume.CHANGEABLE)))

@@ -27,6 +27,8 @@ FIXED = {
     "model": "the checkpoint holds another architecture's weights",
     "image_size": "the model was built for that input size",
     "optimizer": "the checkpoint holds that optimizer's slot variables",
+    "synthetic_data": "the run's classes, plan and data position belong to its data "
+                      "(classes.json)",
 }
 
 # flag -> what accepting the change does (completed with numbers by `describe`).

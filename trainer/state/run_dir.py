@@ -183,8 +183,17 @@ def read_runs(model_dir: str) -> list[dict]:
     path = os.path.join(model_dir, RUNS_FILE)
     if not os.path.exists(path):
         return []
+    runs = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                runs.append(json.loads(line))
+            except ValueError as e:
+                raise RunError(f"{path}: line {number} is not valid JSON ({e}); restore the file, "
+                               f"or move it away to compare this start with config.json") from None
+    return runs
 
 
 class RunsLog:
