@@ -77,8 +77,8 @@ def test_two_builders_of_one_cache_at_once_both_get_the_whole_cache(tmp_path):
     leftovers = [n for n in os.listdir(tmp_path / "decoded") if n.startswith(".tmp-")]
     assert not leftovers, leftovers
     # Another file set's cache beside it, built while the first is read: each keeps its own.
-    other = diskcache.open_or_build(str(tmp_path), "other", "key-b", _slow_stream(1, delay=0), SIDE,
-                                    , lines.append)
+    other = diskcache.open_or_build(str(tmp_path), "other", "key-b", _slow_stream(1, delay=0),
+                                    SIDE, lines.append)
     np.testing.assert_array_equal(_read_all(results[0]), _images(0))
     np.testing.assert_array_equal(_read_all(other), _images(1))
 
