@@ -188,6 +188,60 @@ def test_a_first_signal_outside_the_loop_raises_and_a_second_exits_at_once():
     assert child.stderr.read().strip().splitlines()[-1].startswith("trainer: second signal 15")
 
 
+CHILD_OF_A_SWEEP = """
+import ctypes, signal, sys, time
+from trainer.errors import INTERRUPTS
+INTERRUPTS.install()
+with INTERRUPTS.deferred(), open(sys.argv[1], "w", buffering=1) as out:
+    out.write("ready\\n")
+    while not INTERRUPTS.received:
+        time.sleep(0.05)
+    out.write("recorded\\n")
+    time.sleep(3)
+    out.write("alive\\n")
+"""
+A_SWEEP = """
+import ctypes, os, signal, subprocess, sys, threading, time
+libc = ctypes.CDLL(None)
+threads = [threading.Thread(target=time.sleep, args=(600,), daemon=True) for _ in range(4)]
+for thread in threads:
+    thread.start()
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]],
+                         env=dict(os.environ, **{sys.argv[3]: "1"}),
+                         preexec_fn=lambda: libc.prctl(1, signal.SIGTERM))
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_for_text(path, text: str, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_sweep_trial_takes_the_sweeps_death_notices_as_one_stop(tmp_path):
+    """A trainer of trainer.sweep gets SIGTERM when the sweep dies (PR_SET_PDEATHSIG), once
+    for each of the sweep's exiting threads. Seen in CI: a killed sweep's trainer exited 143
+    on the second copy instead of saving its checkpoint (75). Here a parent with 4 threads
+    starts the child as the sweep does (errors.SWEEP_TRIAL_ENV) and is SIGKILLed, then one
+    more SIGTERM follows: the child still goes on to its own end."""
+    out = tmp_path / "child.txt"
+    parent = subprocess.Popen([sys.executable, "-c", A_SWEEP, CHILD_OF_A_SWEEP, str(out),
+                               errors.SWEEP_TRIAL_ENV],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    assert _wait_for_text(out, "ready", 30)
+    parent.kill()
+    parent.wait(timeout=10)
+    assert _wait_for_text(out, "recorded", 10)
+    os.kill(child_pid, signal.SIGTERM)
+    assert _wait_for_text(out, "alive", 10), out.read_text()
+
+
 # ---- trainer processes -------------------------------------------------------------------------
 FLAGS = (*FAST_DEMO_FLAGS, "--distribution_strategy=one_device", "--noeval_figures",
          "--high_loss_scan=0", "--noexport_at_end")

@@ -67,6 +67,10 @@ class Interrupted(BaseException):
 
 
 # ---- signals ----------------------------------------------------------------------------------
+# Set by trainer.sweep in its trials' environment (see Interrupts).
+SWEEP_TRIAL_ENV = "TRAINER_SWEEP_TRIAL"
+
+
 class Interrupts:
     """The process-wide SIGTERM/SIGINT handler (INTERRUPTS), installed by trainer.main before
     anything else. A first signal is recorded; outside a `deferred()` block it also raises
@@ -74,7 +78,13 @@ class Interrupts:
     finishing phase, actions.StopSignal) the controller reads `received` at its next loop end
     and saves a checkpoint first. A second signal ends the process at once with 128 + signal
     (130 for SIGINT, 143 for SIGTERM), the shell's code for a process killed by that signal:
-    no checkpoint is saved by that stop, so it must not read as EXIT_PREEMPTED."""
+    no checkpoint is saved by that stop, so it must not read as EXIT_PREEMPTED.
+
+    A trial of trainer.sweep (SWEEP_TRIAL_ENV set) never takes a second signal as a second
+    stop: the sweep's PR_SET_PDEATHSIG fires once for each exiting thread of the killed sweep
+    (the trainer is reparented thread by thread, its parent PID unchanged), so a killed
+    sweep's trainer got two SIGTERMs and exited 143 without its checkpoint. The sweep owns
+    its trials' stops (it forwards one SIGTERM, and SIGKILLs a trial on a second signal)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -89,7 +99,7 @@ class Interrupts:
         return self._previous is not None
 
     def install(self, force_second: bool = True) -> None:
-        self._force_second = force_second
+        self._force_second = force_second and not os.environ.get(SWEEP_TRIAL_ENV)
         if self._previous is None:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 

@@ -29,7 +29,7 @@ import warnings
 from absl import flags
 
 from trainer.config import BEST_METRICS, Config
-from trainer.errors import EXIT_PREEMPTED, EXIT_USAGE  # TensorFlow-free
+from trainer.errors import EXIT_PREEMPTED, EXIT_USAGE, SWEEP_TRIAL_ENV  # TensorFlow-free
 
 KINDS = ("log_uniform", "uniform", "int", "categorical")
 NOT_SWEPT = ("model_dir", "list_models")  # the sweep owns model_dir; list_models trains nothing
@@ -500,9 +500,10 @@ class Signals:
             signal.signal(sig, handler)
 
     def _handle(self, signum, _frame):
+        second = self.received is not None
         self.received = signum
-        if self.child is not None:
-            self.child.send_signal(signal.SIGTERM)
+        if self.child is not None:  # a trial takes no second signal itself (errors.py)
+            self.child.kill() if second else self.child.send_signal(signal.SIGTERM)
 
     def sleep(self, seconds: float) -> None:
         deadline = time.time() + seconds
@@ -622,6 +623,7 @@ def watch(ctx: Context, trial, argv: list[str], model_dir: str) -> Outcome:
         tail.seek(0, os.SEEK_END)
         started = time.time()
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, **{SWEEP_TRIAL_ENV: "1"}),
                                  preexec_fn=_die_with_parent)
         ctx.signals.child = child
         # The heartbeat thread starts after the fork: a preexec_fn must not run in a copy of
