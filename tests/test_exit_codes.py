@@ -259,9 +259,11 @@ def _wait_for_line(process, prefix: str) -> str:
     raise AssertionError(f"no line {prefix!r}; stderr:\n{process.stderr.read()[-3000:]}")
 
 
-def _end(process, timeout=120) -> tuple[int, list[str]]:
+def _end(process, timeout=120) -> tuple[int, list[str], float]:
+    """The exit code, the stderr lines and the seconds from this call to the exit."""
+    start = time.time()
     _, err = process.communicate(timeout=timeout)
-    return process.returncode, err.strip().splitlines()
+    return process.returncode, err.strip().splitlines(), time.time() - start
 
 
 def test_sigterm_during_the_data_check_exits_75_at_once(demo_dir, tmp_path):
@@ -271,9 +273,7 @@ def test_sigterm_during_the_data_check_exits_75_at_once(demo_dir, tmp_path):
     process = _start(f"--data_dir={data}", f"--model_dir={model_dir}", *FLAGS)
     _wait_for_line(process, "data check: decoding ")
     process.send_signal(signal.SIGTERM)
-    start = time.time()
-    code, lines = _end(process)
-    elapsed = time.time() - start
+    code, lines, elapsed = _end(process)
     assert code == errors.EXIT_PREEMPTED, lines[-20:]
     assert "Traceback" not in "\n".join(lines)
     assert lines[-1] == (f"trainer: stopped by signal 15 outside the training loop (that phase "
@@ -298,9 +298,7 @@ def test_a_full_disk_in_a_checkpoint_save_exits_74_with_the_previous_checkpoint_
                   if os.path.basename(first) + "." in n}
         _fill(disk, leave=64 * 1024)
         process.send_signal(signal.SIGCONT)
-        start = time.time()
-        code, lines = _end(process)
-        elapsed = time.time() - start
+        code, lines, elapsed = _end(process)
         assert code == errors.EXIT_DISK, lines[-20:]
         assert "Traceback" not in "\n".join(lines)
         assert lines[-1].startswith(f"trainer: the disk is full (No space left on device) "
@@ -334,9 +332,7 @@ def test_a_full_disk_on_the_chief_of_two_workers_is_74_there_not_a_lost_peer(
             _fill(disk, leave=64 * 1024)
             for worker in workers:
                 worker.send_signal(signal.SIGCONT)
-            start = time.time()
             chief = _end(workers[0], timeout=TIMEOUT + 60)
-            chief_time = time.time() - start
             other = _end(workers[1], timeout=TIMEOUT + 60)
         finally:
             for worker in workers:
@@ -350,7 +346,7 @@ def test_a_full_disk_on_the_chief_of_two_workers_is_74_there_not_a_lost_peer(
         # the other worker lost the chief, which is gone: that, and only that, is 69
         assert other[0] == errors.EXIT_PEER_LOST, other[1][-20:]
         assert other[1][-1].startswith("trainer: lost contact with worker:0"), other[1][-1]
-    print(f"chief exit 74 {chief_time:.1f} s after the disk filled")
+    print(f"chief exit 74 {chief[2]:.1f} s after the disk filled")
 
 
 def test_a_second_sigterm_in_the_loop_ends_the_trainer_at_once(small_demo_dir, tmp_path):
@@ -362,9 +358,7 @@ def test_a_second_sigterm_in_the_loop_ends_the_trainer_at_once(small_demo_dir, t
     process.send_signal(signal.SIGTERM)
     _wait_for_line(process, "signal 15 received: stopping at the end of this loop")
     process.send_signal(signal.SIGTERM)
-    start = time.time()
-    code, lines = _end(process)
-    elapsed = time.time() - start
+    code, lines, elapsed = _end(process)
     assert code == 128 + signal.SIGTERM, lines[-20:]
     assert lines[-1] == ("trainer: second signal 15: stopping at once (exit code 143); the run "
                          "goes on from its last checkpoint")
@@ -388,9 +382,7 @@ def test_sigterm_during_the_s3_sync_exits_75_keeping_only_whole_files(s3_server,
     # the downloads have begun: the first split folder appears (inotify, no polling)
     assert wait_for_entry(local, lambda name: name in ("train", "valid", "test"), timeout=60)
     process.send_signal(signal.SIGTERM)
-    start = time.time()
-    code, lines = _end(process)
-    elapsed = time.time() - start
+    code, lines, elapsed = _end(process)
     assert code == errors.EXIT_PREEMPTED, lines[-20:]
     assert "Traceback" not in "\n".join(lines)
     assert lines[-1].startswith("trainer: stopped by signal 15 outside the training loop"), lines
