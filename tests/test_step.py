@@ -147,14 +147,8 @@ def test_the_composed_step_is_the_hand_written_step_with_every_recipe(two_replic
     clip = norm / 2  # clipping acts
     expected = [np.array(v) - 0.1 * np.array(g) * clip / norm
                 for v, g in zip(reference.trainable_variables, gradients)]
-    with two_replicas.scope():
-        model = _tiny_model()
-        optimizer = keras.optimizers.SGD(learning_rate=0.1)
-        optimizer.build(model.trainable_variables)
-        metrics = Metrics.create("a"), Metrics.create("b")
-    steps = StepFunctions(two_replicas, model, optimizer, global_batch_size=8,
-                          train_metrics=metrics[0], eval_metrics=metrics[1],
-                          recipe=recipes.Recipe(0.1, class_weights, 2, clip), time_input=False)
+    model, steps = _sgd_steps(two_replicas, recipe=recipes.Recipe(0.1, class_weights, 2, clip),
+                              time_input=False)
     dataset = tf.data.Dataset.from_tensors((images, labels, weights))
     losses, _, ids = steps.train_loop(iter(two_replicas.experimental_distribute_dataset(
         dataset.repeat())), tf.constant(1))
@@ -183,21 +177,26 @@ def test_nan_at_positions_poisons_only_the_marked_data_positions():
 
 
 @pytest.mark.quick
-def test_the_loop_returns_the_image_ids_the_batches_carry_in_global_replica_order(two_replicas):
-    """--debug_record_batches: the dataset carries ids (a fourth element); the step trains on
-    the other three and the loop returns each step's ids, replica 0's half first."""
-    images, labels, weights = _batch(8)
-    with two_replicas.scope():
+def _sgd_steps(strategy, **options):
+    """A tiny model under SGD(0.1) in `strategy`'s scope and its steps at global batch 8."""
+    with strategy.scope():
         model = _tiny_model()
         optimizer = keras.optimizers.SGD(learning_rate=0.1)
         optimizer.build(model.trainable_variables)
         metrics = Metrics.create("a"), Metrics.create("b")
-    steps = StepFunctions(two_replicas, model, optimizer, global_batch_size=8,
-                          train_metrics=metrics[0], eval_metrics=metrics[1], record_ids=True)
+    return model, StepFunctions(strategy, model, optimizer, global_batch_size=8,
+                                train_metrics=metrics[0], eval_metrics=metrics[1], **options)
+
+
+def test_the_loop_returns_the_image_ids_the_batches_carry_in_global_replica_order(two_replicas):
+    """--debug_record_batches: the dataset carries ids (a fourth element); the step trains on
+    the other three and the loop returns each step's ids, replica 0's half first."""
+    images, labels, weights = _batch(8)
+    model, steps = _sgd_steps(two_replicas, record_ids=True)
     ids = np.arange(16, dtype="int32").reshape(2, 8) + 100
     dataset = tf.data.Dataset.from_tensor_slices(
         (np.stack([images] * 2), np.stack([labels] * 2), np.stack([weights] * 2), ids))
     losses, _, recorded = steps.train_loop(iter(two_replicas.experimental_distribute_dataset(
         dataset.unbatch().batch(8))), tf.constant(2))
     np.testing.assert_array_equal(recorded, ids)
-    assert np.isfinite(losses.numpy()).all() and int(optimizer.iterations.numpy()) == 2
+    assert np.isfinite(losses.numpy()).all() and int(steps.optimizer.iterations.numpy()) == 2
