@@ -319,41 +319,40 @@ def test_early_stopping_start_reads_steps_epochs_a_fraction_or_the_warmup_end():
 
 
 def test_evaluations_before_the_start_never_count_against_the_patience(tmp_path):
-    from types import SimpleNamespace
+    import dataclasses
 
     from trainer.config import Config, RunPlan
-    from trainer.loop.actions import TrackBest, early_stopping_reason
+    from trainer.loop.actions import EarlyStopping, TrackBest, early_stopping_reason
     from trainer.state.checkpoints import BestCheckpoint
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     plan = RunPlan.make(Config(batch_size=10, train_steps=100, warmup_epochs=3), 1, 100)
     assert plan.warmup_steps == 30
     losses = ((10, 1.0), (20, 1.5), (30, 1.6), (40, 0.8), (50, 0.9), (60, 0.9), (70, 0.9))
-    runs = {}
+    runs, now = {}, {"step": 0}
     for start in ("warmup", "0"):
         best = BestCheckpoint(str(tmp_path / start / "best"), tf.train.Checkpoint(model=model),
                               metric="valid/loss")
-        state = SimpleNamespace(best=best, plan=plan, current_step=0,
-                                config=Config(early_stopping_patience=2,
-                                              early_stopping_start=start))
-        track, stopped_at = TrackBest(state), None
+        stopping = EarlyStopping(best, patience=2, start=plan.early_stopping_start(start),
+                                 current_step=lambda: now["step"])
+        track, stopped_at = TrackBest(stopping), None
         for at, loss in losses:
-            state.current_step = at
+            now["step"] = at
             track.after_evaluation("valid", at, {"loss": loss, "accuracy": 0.5}, None)
-            if early_stopping_reason(state):
+            if early_stopping_reason(stopping):
                 stopped_at = at
                 break
         runs[start] = (stopped_at, int(best.record.step.numpy()))
     # Counted from step 0, 20 and 30 are two without improvement; from the warmup's end (30),
     # 20 never counted: the run goes on, finds the better step 40, and stops at 60.
     assert runs == {"0": (30, 10), "warmup": (60, 40)}
-    assert early_stopping_reason(state).startswith(
+    assert early_stopping_reason(stopping).startswith(
         "early stopping at step 30: valid/loss has not improved for 2 evaluations "
         "(--early_stopping_patience=2, counted from step 0)")
     # A start moved later on resume (--allow_change): no early stop before it.
-    state.config = Config(early_stopping_patience=2, early_stopping_start="0.5")
-    assert early_stopping_reason(state) is None
-    state.current_step = 50
-    assert early_stopping_reason(state) is not None
+    stopping = dataclasses.replace(stopping, start=plan.early_stopping_start("0.5"))
+    assert early_stopping_reason(stopping) is None
+    now["step"] = 50
+    assert early_stopping_reason(stopping) is not None
 
 
 @pytest.mark.quick

@@ -6,11 +6,17 @@ method that is not a hook (a misspelt `after_evaluaton`) is a TypeError when the
 defined, so a hook can never silently not run. The actions that change the course of the run
 are ordinary actions too: the non-finite guard (`accept`), backbone freezing (`at_loop_start`,
 `limit`, `before_finish`), the stop signal (`stop_requested`), early stopping (`stop_reason`).
+
+An action is given only what it uses (plain values, or a small frozen context declared next to
+it), never the whole RunState: each can be built and tested on its own;
+trainer/loop/train.py builds them from the run's state.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
+from typing import Callable, ContextManager
 
 import keras
 import numpy as np
@@ -20,10 +26,10 @@ from data import decode
 from models import transfer
 from trainer.errors import INTERRUPTS, Interrupts, TrainingError
 from trainer.loop.resume import MAX_ROLLBACKS
-from trainer.loop.runner import LoopResult, StepRunner
+from trainer.loop.runner import LoopResult
 from trainer.report import figures, summaries
 from trainer.report.console import log
-from trainer.loop.run_state import RunState
+from trainer.state import checkpoints
 from trainer.tools import analysis
 
 
@@ -125,15 +131,18 @@ class BatchIdsLog(_PerStepTable):
 class Histograms(Action):
     """--summary_histograms: weight histograms and the mean global gradient norm per loop."""
 
-    def __init__(self, state: RunState):
-        self.state = state
+    def __init__(self, writers: summaries.Summaries, gradient_norm: keras.metrics.Mean,
+                 model: keras.Model):
+        # The model, not its variables: freezing the backbone changes which are trainable.
+        self.writers, self.gradient_norm, self.model = writers, gradient_norm, model
 
     def after_loop(self, result: LoopResult) -> None:
-        s = self.state
-        s.writers.scalars(s.writers.train, result.last_step,
-                          {"gradient_norm": float(s.gradient_norm.result())}, "train")
-        s.gradient_norm.reset_state()
-        summaries.write_histograms(s.writers.train, result.last_step, s.model.trainable_variables)
+        writers = self.writers
+        writers.scalars(writers.train, result.last_step,
+                        {"gradient_norm": float(self.gradient_norm.result())}, "train")
+        self.gradient_norm.reset_state()
+        summaries.write_histograms(writers.train, result.last_step,
+                                   self.model.trainable_variables)
 
 
 class ProfileWindow(Action):
@@ -163,68 +172,96 @@ class EvalFigures(Action):
     """The confusion matrix and misclassified gallery of each evaluated split (eval/<split>/...),
     on the chief, from the evaluation's own pass (its logits, labels and gallery images)."""
 
-    def __init__(self, state: RunState):
-        self.state = state
+    def __init__(self, writers: summaries.Summaries, class_names: list[str]):
+        self.writers, self.class_names = writers, class_names
 
     def after_evaluation(self, split: str, step: int, values: dict,
                          predictions: analysis.Predictions) -> None:
-        s = self.state
-        names = s.inputs.class_names
+        writers, names = self.writers, self.class_names
         confusion = analysis.confusion_matrix(predictions.labels, predictions.predicted,
                                               len(names))
-        s.writers.image(s.writers.eval, step, f"{split}/confusion_matrix",
-                        figures.confusion_figure(confusion, names))
+        writers.image(writers.eval, step, f"{split}/confusion_matrix",
+                      figures.confusion_figure(confusion, names))
         if len(predictions.gallery_index):
-            s.writers.image(s.writers.eval, step, f"{split}/misclassified",
-                            figures.misclassified_gallery(predictions, names))
+            writers.image(writers.eval, step, f"{split}/misclassified",
+                          figures.misclassified_gallery(predictions, names))
+
+
+def high_loss_sample(train, count: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """--high_loss_scan=N: the files and labels of N training images (all with N >= the
+    training set), the same seeded sample at every evaluation so that galleries compare."""
+    count = min(count, len(train))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(train), size=count, replace=False))
+    return [train.files[i] for i in chosen], np.asarray([train.labels[i] for i in chosen],
+                                                        np.int64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HighLossContext:
+    """What HighLossGallery reads: the model and how to put the evaluated weights in it, the
+    scanned images (high_loss_sample), and how the evaluation reads and batches them."""
+    model: keras.Model
+    averaged: Callable[[], ContextManager]  # RunState.averaged: the --ema_decay averages
+    files: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    image_size: int
+    eval_crop: float
+    batch_size: int  # the evaluation's global batch
+    writers: summaries.Summaries
 
 
 class HighLossGallery(Action):
     """--high_loss_scan=N: at each valid evaluation, the training images with the highest loss
-    (inference mode, no augmentation, the evaluation pixels of --eval_crop) in a gallery titled with label and prediction
-    (train/high_loss) and a table of their paths (train/high_loss_files): likely mislabelled or
-    odd images. N training images are scanned, the
-    same seeded sample each time (all with N >= the training set), so galleries compare."""
+    (inference mode, no augmentation, the evaluation pixels of --eval_crop) in a gallery titled
+    with label and prediction (train/high_loss) and a table of their paths
+    (train/high_loss_files): likely mislabelled or odd images, among the images of
+    `context.files` (high_loss_sample)."""
 
     SHOWN = 12
 
-    def __init__(self, state: RunState):
-        self.state = state
-        self.infer = analysis.inference_function(state.model)  # traced once per batch shape
-        train = state.inputs.train
-        count = min(state.config.high_loss_scan, len(train))
-        chosen = np.sort(np.random.default_rng(state.config.seed).choice(
-            len(train), size=count, replace=False))
-        self.files = [train.files[i] for i in chosen]
-        self.labels = np.asarray([train.labels[i] for i in chosen], np.int64)
+    def __init__(self, context: HighLossContext):
+        self.context = context
+        self.infer = analysis.inference_function(context.model)  # traced once per batch shape
 
     def after_evaluation(self, split: str, step: int, values: dict, evaluated) -> None:
         if split != "valid":
             return
-        s = self.state
+        c = self.context
         # The evaluation pixels (--eval_crop), not training's squash: the model runs in
         # inference mode here, so its losses mean what the valid loss means, and the images
         # shown are exactly the pixels it judged.
-        with s.averaged():
-            predictions = analysis.predict_split(s.model, self.files, self.labels,
-                                                 image_size=s.config.image_size,
-                                                 batch_size=s.plan.eval_global_batch_size,
-                                                 gallery_size=0, eval_crop=s.config.eval_crop,
-                                                 infer=self.infer)
+        with c.averaged():
+            predictions = analysis.predict_split(c.model, c.files, c.labels,
+                                                 image_size=c.image_size,
+                                                 batch_size=c.batch_size, gallery_size=0,
+                                                 eval_crop=c.eval_crop, infer=self.infer)
         losses = analysis.cross_entropy(predictions.logits, predictions.labels)
         worst = np.argsort(-losses, kind="stable")[:self.SHOWN]
-        names, probabilities = s.inputs.class_names, predictions.probabilities
-        images = np.stack([decode.read_for_eval(self.files[i], s.config.image_size,
-                                                s.config.eval_crop).numpy() for i in worst])
-        titles = [f"label: {names[self.labels[i]]}\npred: {names[predictions.predicted[i]]} "
+        names, probabilities = c.class_names, predictions.probabilities
+        images = np.stack([decode.read_for_eval(c.files[i], c.image_size,
+                                                c.eval_crop).numpy() for i in worst])
+        titles = [f"label: {names[c.labels[i]]}\npred: {names[predictions.predicted[i]]} "
                   f"({probabilities[i, predictions.predicted[i]]:.2f}) loss {losses[i]:.2f}"
                   for i in worst]
-        s.writers.image(s.writers.train, step, "train/high_loss",
+        c.writers.image(c.writers.train, step, "train/high_loss",
                         figures.image_grid(images, titles, columns=4))
-        rows = [f"| {self.files[i]} | {names[self.labels[i]]} | {names[predictions.predicted[i]]}"
+        rows = [f"| {c.files[i]} | {names[c.labels[i]]} | {names[predictions.predicted[i]]}"
                 f" | {losses[i]:.3f} |" for i in worst]  # the paths, to fix the files
-        s.writers.text(s.writers.train, step, "train/high_loss_files", "\n".join(
+        c.writers.text(c.writers.train, step, "train/high_loss_files", "\n".join(
             ["| file | label | prediction | loss |", "|---|---|---|---|"] + rows))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EarlyStopping:
+    """What TrackBest and the early-stopping lines read: the best checkpoint (its record counts
+    the valid evaluations since the best), --early_stopping_patience (0: never stop early), the
+    first step whose valid evaluation counts (--early_stopping_start resolved by the plan), and
+    the steps done so far."""
+    best: checkpoints.BestCheckpoint
+    patience: int
+    start: int
+    current_step: Callable[[], int]
 
 
 class TrackBest(Action):
@@ -233,48 +270,56 @@ class TrackBest(Action):
     improvement, counting only those from --early_stopping_start on (the count is in the
     checkpoint, so a restart stops where a whole run would)."""
 
-    def __init__(self, state: RunState):
-        self.state = state
+    def __init__(self, stopping: EarlyStopping):
+        self.stopping = stopping
 
     def after_evaluation(self, split: str, step: int, values: dict, evaluated) -> None:
         if split == "valid":  # a full checkpoint (with the averages under --ema_decay)
-            best = self.state.best
+            best = self.stopping.best
             best.update(step, values[best.metric.split("/", 1)[1]], values["accuracy"],
-                        counts=step >= early_stopping_start(self.state))
+                        counts=step >= self.stopping.start)
             log(f"  {best.describe()}")
 
     def stop_reason(self) -> str | None:
-        return early_stopping_reason(self.state)
+        return early_stopping_reason(self.stopping)
 
 
-def early_stopping_start(state: RunState) -> int:
-    """The first step whose valid evaluation counts against --early_stopping_patience."""
-    return state.plan.early_stopping_start(state.config.early_stopping_start)
+def describe_early_stopping(stopping: EarlyStopping, start_flag: str, total_steps: int) -> str:
+    """The start-up line of a run with --early_stopping_patience (`start_flag`: the text of
+    --early_stopping_start)."""
+    start = stopping.start
+    never = f"; the run ends at step {total_steps} before that" if start > total_steps else ""
+    warmup = ': the end of the warmup' if start_flag.strip().lower() == 'warmup' else ''
+    return (f"early stopping after {stopping.patience} valid evaluations without a better "
+            f"{stopping.best.metric}, counted from step {start} (--early_stopping_start="
+            f"{start_flag}{warmup}){never}")
 
 
-def describe_early_stopping(state: RunState) -> str:
-    """The start-up line of a run with --early_stopping_patience."""
-    config, start = state.config, early_stopping_start(state)
-    given = config.early_stopping_start
-    never = f"; the run ends at step {state.plan.total_steps} before that" \
-        if start > state.plan.total_steps else ""
-    return (f"early stopping after {config.early_stopping_patience} valid evaluations without a "
-            f"better {config.best_metric}, counted from step {start} (--early_stopping_start="
-            f"{given}{': the end of the warmup' if given.strip().lower() == 'warmup' else ''})"
-            f"{never}")
-
-
-def early_stopping_reason(state: RunState) -> str | None:
+def early_stopping_reason(stopping: EarlyStopping) -> str | None:
     """One line saying why the run stops early, or None while it goes on (never before
     --early_stopping_start, also when a resume moved it later)."""
-    patience = state.config.early_stopping_patience
-    since = state.best.evaluations_since_best
-    start = early_stopping_start(state)
-    if not patience or since < patience or state.current_step < start:
+    patience, best, start = stopping.patience, stopping.best, stopping.start
+    since, step = best.evaluations_since_best, stopping.current_step()
+    if not patience or since < patience or step < start:
         return None
-    return (f"early stopping at step {state.current_step}: {state.best.metric} has not improved "
+    return (f"early stopping at step {step}: {best.metric} has not improved "
             f"for {since} evaluations (--early_stopping_patience={patience}, counted from step "
-            f"{start}); {state.best.describe()}")
+            f"{start}); {best.describe()}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NonFiniteContext:
+    """What NonFiniteGuard checks and, to roll back, reads and changes: the weights (model and
+    optimizer), the keeper (its latest checkpoint), the run's counters, and the run's restore,
+    data position and input restart."""
+    weights: list  # model.weights + optimizer.variables; the non-float ones are left out
+    keeper: checkpoints.CheckpointKeeper
+    step: tf.Variable
+    skipped_batches: tf.Variable
+    rollbacks: tf.Variable
+    restore_latest: Callable[[], str | None]  # RunState.restore_latest
+    position: Callable[[], int]  # the data position of the next step (RunState.position)
+    restart_input: Callable[[], None]  # StepRunner.restart_input: the input at that position
 
 
 class NonFiniteGuard(Action):
@@ -284,10 +329,9 @@ class NonFiniteGuard(Action):
     failed loop (data position = step + skipped batches) and goes on, at most MAX_ROLLBACKS
     times. Model Garden's RecoveryAction is the model."""
 
-    def __init__(self, state: RunState, runner: StepRunner, policy: str):
-        self.state, self.runner, self.policy = state, runner, policy
-        variables = [v for v in state.model.weights + state.optimizer.variables
-                     if keras.backend.is_float_dtype(v.dtype)]
+    def __init__(self, context: NonFiniteContext, policy: str):
+        self.context, self.policy = context, policy
+        variables = [v for v in context.weights if keras.backend.is_float_dtype(v.dtype)]
         self._finite = tf.function(lambda: tf.reduce_all(
             [tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
 
@@ -299,9 +343,8 @@ class NonFiniteGuard(Action):
         bad = result.first_step + int(np.argmin(losses_finite)) if not losses_finite.all() \
             else result.last_step
         what = "training loss" if not losses_finite.all() else "weights after the loop"
-        s = self.state
-        latest = s.keeper.manager.latest_checkpoint
-        rollbacks = int(s.rollbacks.numpy())
+        latest = self.context.keeper.manager.latest_checkpoint
+        rollbacks = int(self.context.rollbacks.numpy())
         if self.policy == "stop" or latest is None or rollbacks >= MAX_ROLLBACKS:
             why = ("" if self.policy == "stop" else
                    "; no checkpoint to roll back to" if latest is None else
@@ -310,34 +353,35 @@ class NonFiniteGuard(Action):
             raise TrainingError(f"non-finite {what} at step {bad}{why}; stopped without saving "
                                 f"this loop (latest checkpoint, checked finite when saved: "
                                 f"{latest or 'none'})")
-        return self._roll_back(latest, result, what, bad, rollbacks)
+        return self._roll_back(latest, what, bad, rollbacks)
 
-    def _roll_back(self, latest: str, result: LoopResult, what: str, bad: int,
-                   rollbacks: int) -> bool:
-        s = self.state
-        failed_end = s.position  # data position after the failed loop
-        s.restore_latest()
-        skipped = failed_end - s.current_step
-        s.skipped_batches.assign(skipped)
-        s.rollbacks.assign(rollbacks + 1)
+    def _roll_back(self, latest: str, what: str, bad: int, rollbacks: int) -> bool:
+        c = self.context
+        failed_end = c.position()  # data position after the failed loop
+        c.restore_latest()
+        step = int(c.step.numpy())
+        c.skipped_batches.assign(failed_end - step)
+        c.rollbacks.assign(rollbacks + 1)
         log(f"non-finite {what} at step {bad}: rolled back to {os.path.basename(latest)} (step "
-            f"{s.current_step}) and skipped the batches to data position {failed_end} "
+            f"{step}) and skipped the batches to data position {failed_end} "
             f"(rollback {rollbacks + 1} of at most {MAX_ROLLBACKS})")
-        self.runner.restart_input()
+        c.restart_input()
         return False
 
 
 class BackboneFreeze(Action):
-    """--freeze_backbone_epochs: the head alone trains until `freeze_steps`."""
+    """--freeze_backbone_epochs: the head alone trains until `freeze_steps`. `retrace`: the
+    step functions' (StepFunctions.retrace), which read the trainable layers when traced."""
 
-    def __init__(self, state: RunState, freeze_steps: int):
-        self.state, self.freeze_steps, self.frozen = state, freeze_steps, False
+    def __init__(self, model: keras.Model, retrace: Callable[[], None], freeze_steps: int):
+        self.model, self.retrace, self.freeze_steps = model, retrace, freeze_steps
+        self.frozen = False
 
     def at_loop_start(self, step: int) -> None:
         if (step < self.freeze_steps) != self.frozen:
             self.frozen = step < self.freeze_steps
-            transfer.set_backbone_trainable(self.state.model, not self.frozen)
-            self.state.steps.retrace()
+            transfer.set_backbone_trainable(self.model, not self.frozen)
+            self.retrace()
             log(f"backbone frozen until step {self.freeze_steps} (head only)" if self.frozen
                 else f"backbone unfrozen at step {step}")
 
@@ -347,7 +391,7 @@ class BackboneFreeze(Action):
 
     def before_finish(self) -> None:
         if self.frozen:  # a run that ends frozen still saves a trainable model
-            transfer.set_backbone_trainable(self.state.model, True)
+            transfer.set_backbone_trainable(self.model, True)
             self.frozen = False
 
     close = before_finish

@@ -148,7 +148,8 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
         for name in start.accepted:
             if name not in resume.SCHEDULE_FLAGS:
                 log(resume.describe(name, start.saved, config))
-    stopped_early = actions.early_stopping_reason(state)
+    stopping = early_stopping_context(state)
+    stopped_early = actions.early_stopping_reason(stopping)
     if start_step >= plan.total_steps or stopped_early:
         results = finish.finished_results(config.model_dir, start_step)
         if results is not None:
@@ -165,7 +166,7 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
         runs.start(dataclasses.asdict(start.source_config), start_step, summaries.git_commit())
     if start_step == 0:
         _write_run_description(config, plan, data, state)
-    controller = _controller(state)
+    controller = _controller(state, stopping)
     reason = "error"
     try:
         # --- 7-8. the loop, then finishing -------------------------------------------------------
@@ -189,8 +190,9 @@ def _train(config: Config, plan: RunPlan, data: Inputs, strategy, chief: bool, w
             runs.end(state.current_step, reason)
 
 
-def _controller(state: RunState) -> Controller:
-    """The controller with its runner, reporter and actions for this run's flags."""
+def _controller(state: RunState, stopping: actions.EarlyStopping) -> Controller:
+    """The controller with its runner, reporter and actions for this run's flags, each action
+    given only the parts of the state it uses."""
     config, plan = state.config, state.plan
     runner = StepRunner(state)
     if runner.watch:  # --data_service: what a lost worker does to the run
@@ -207,27 +209,57 @@ def _controller(state: RunState) -> Controller:
               actions.ProfileWindow(parse_profile_steps(config.profile_steps),
                                     os.path.join(config.model_dir, "train")
                                     if state.chief else None),
-              actions.TrackBest(state)]
+              actions.TrackBest(stopping)]
     if state.gradient_norm is not None:
-        extras.append(actions.Histograms(state))
+        extras.append(actions.Histograms(state.writers, state.gradient_norm, state.model))
     if state.steps.record_ids:
         extras.append(actions.BatchIdsLog(os.path.join(state.work_dir, "batch_ids.tsv")))
     if state.chief and config.eval_figures:
-        extras.append(actions.EvalFigures(state))
+        extras.append(actions.EvalFigures(state.writers, state.inputs.class_names))
     # Image folders only: packed data has no files to show or fix.
     if state.chief and config.high_loss_scan and not state.inputs.synthetic and \
             getattr(state.inputs.source, "kind", "") == "folder":
-        extras.append(actions.HighLossGallery(state))
+        extras.append(actions.HighLossGallery(high_loss_context(state)))
     log(f"training {config.model} on {plan.num_train_images} images, "
         f"{len(state.inputs.class_names)} classes, {plan.num_replicas} replica(s), global batch "
         f"{plan.global_batch_size}, {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), "
         f"peak lr {plan.learning_rate:g}")
     if config.early_stopping_patience:
-        log(actions.describe_early_stopping(state))
-    course = [actions.NonFiniteGuard(state, runner, config.on_nan),
-              actions.BackboneFreeze(state, freeze_steps),
+        log(actions.describe_early_stopping(stopping, config.early_stopping_start,
+                                            plan.total_steps))
+    course = [actions.NonFiniteGuard(non_finite_context(state, runner), config.on_nan),
+              actions.BackboneFreeze(state.model, state.steps.retrace, freeze_steps),
               actions.StopSignal(state.strategy, distribute.num_workers(state.strategy))]
     return Controller(state, runner, reporter, course + extras)
+
+
+def early_stopping_context(state: RunState) -> actions.EarlyStopping:
+    """TrackBest's and the early-stopping lines' part of the state."""
+    return actions.EarlyStopping(
+        best=state.best, patience=state.config.early_stopping_patience,
+        start=state.plan.early_stopping_start(state.config.early_stopping_start),
+        current_step=lambda: state.current_step)
+
+
+def high_loss_context(state: RunState) -> actions.HighLossContext:
+    """HighLossGallery's part of the state, with the --high_loss_scan sample drawn."""
+    config = state.config
+    files, labels = actions.high_loss_sample(state.inputs.train, config.high_loss_scan,
+                                             config.seed)
+    return actions.HighLossContext(
+        model=state.model, averaged=state.averaged, files=files, labels=labels,
+        class_names=state.inputs.class_names, image_size=config.image_size,
+        eval_crop=config.eval_crop, batch_size=state.plan.eval_global_batch_size,
+        writers=state.writers)
+
+
+def non_finite_context(state: RunState, runner: StepRunner) -> actions.NonFiniteContext:
+    """NonFiniteGuard's part of the state and the runner's input restart."""
+    return actions.NonFiniteContext(
+        weights=state.model.weights + state.optimizer.variables, keeper=state.keeper,
+        step=state.step, skipped_batches=state.skipped_batches, rollbacks=state.rollbacks,
+        restore_latest=state.restore_latest, position=lambda: state.position,
+        restart_input=runner.restart_input)
 
 
 # ============================================================================================
