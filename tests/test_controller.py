@@ -3,128 +3,52 @@ stop signal, early stopping and a rollback, with a runner that advances the step
 instead of training (the controller's decisions are what is tested; the step is test_step's).
 
 The run state is a real RunState with a real CheckpointKeeper writing real checkpoints into a
-temporary folder; only the fields the controller reads are filled.
+temporary folder; only the fields the controller reads are filled (tests/controller_parts.py).
 """
 from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from data import layout
-from trainer.config import Config, RunPlan
+from tests.controller_parts import counting_controller, saved_steps, small_state
 from trainer.errors import Preempted, TrainingError
 from trainer.loop import actions, train
 from trainer.loop.actions import Action
-from trainer.loop.controller import Controller
-from trainer.loop.inputs import Inputs
-from trainer.loop.run_state import RunState
-from trainer.loop.runner import LoopResult
-from trainer.report import summaries
-from trainer.report.console import Reporter
-from trainer.report.performance import Speedometer
-from trainer.state import checkpoints, run_dir
 
 pytestmark = pytest.mark.quick
 
 
-class CountingRunner:
-    """Runs `num_steps` by adding them to the step counter; records each call."""
-
-    def __init__(self, state: RunState, valid_loss=lambda step: 1.0 / step,
-                 train_loss=lambda step: 1.0):
-        self.state, self.loops, self.evaluations = state, [], []
-        self.valid_loss, self.train_loss = valid_loss, train_loss
-        self.input_restarts = 0
-
-    def restart_input(self) -> None:  # after a rollback: the input starts at the new position
-        self.input_restarts += 1
-
-    def train(self, num_steps: int) -> LoopResult:
-        first = self.state.current_step + 1
-        self.state.step.assign_add(num_steps)
-        self.loops.append((first, num_steps))
-        losses = np.array([self.train_loss(first + i) for i in range(num_steps)])
-        return LoopResult(first, num_steps, losses, seconds=0.01,
-                          input_seconds=None, metrics={"loss": 1.0, "accuracy": 0.5},
-                          batch_ids=np.zeros((num_steps, 0)))
-
-    def evaluate(self, split: str):
-        step = self.state.current_step
-        self.evaluations.append((split, step))
-        return {"loss": self.valid_loss(step), "accuracy": 0.5, "top5_accuracy": 1.0,
-                "images": 8}, None
-
-
-def _state(tmp_path, *, total_steps=20, steps_per_loop=4, eval_every=10, checkpoint_every=5,
-           **options):
-    config = Config(data_dir=str(tmp_path), model_dir=str(tmp_path), steps_per_loop=steps_per_loop,
-                    eval_every_steps=eval_every, checkpoint_every_steps=checkpoint_every,
-                    **options)
-    plan = dataclasses.replace(RunPlan.make(config, 1, 320), total_steps=total_steps)
-    no_files = layout.SplitFiles("valid", (), ())
-    step, skipped, rollbacks = (tf.Variable(0, dtype=tf.int64) for _ in range(3))
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
-    optimizer = keras.optimizers.SGD(0.1)
-    optimizer.build(model.trainable_variables)
-    keeper = checkpoints.CheckpointKeeper(
-        str(tmp_path / run_dir.CHECKPOINT_DIR), model=model, optimizer=optimizer, step=step,
-        max_to_keep=10, every_steps=checkpoint_every, skipped_batches=skipped,
-        rollbacks=rollbacks)
-    best = checkpoints.BestCheckpoint(str(tmp_path / run_dir.BEST_DIR), keeper.checkpoint,
-                                      metric=config.best_metric)
-    fields = {f.name: None for f in dataclasses.fields(RunState)}
-    return RunState(**dict(fields, config=config, plan=plan, chief=True, work_dir=str(tmp_path),
-                           inputs=Inputs(["a", "b"], no_files, {"valid": no_files}),
-                           model=model, optimizer=optimizer, step=step,
-                           skipped_batches=skipped, rollbacks=rollbacks,
-                           keeper=keeper, best=best, writers=summaries.Summaries(None)))
-
-
-def _controller(state, extra_actions=(), **runner_options):
-    reporter = Reporter(state.plan, state.writers, Speedometer(1.0, 1e15),
-                        input_is_upper_bound=False, learning_rate=lambda step: 0.1)
-    runner = CountingRunner(state, **runner_options)
-    return Controller(state, runner, reporter, list(extra_actions)), runner
-
-
-def _saved_steps(state) -> list[int]:
-    return [run_dir.SavedRun.checkpoint_step(path)
-            for path in state.keeper.manager.checkpoints]
-
-
 def test_loops_stop_at_evaluations_and_the_end_and_saves_follow_the_interval(tmp_path):
-    state = _state(tmp_path, total_steps=23, steps_per_loop=4, eval_every=10,
-                   checkpoint_every=5)
-    controller, runner = _controller(state)
+    state = small_state(tmp_path, total_steps=23, steps_per_loop=4, eval_every=10,
+                        checkpoint_every=5)
+    controller, runner = counting_controller(state)
     controller.train()
     # 4-step loops, cut at the evaluations (10, 20) and at the end (23)
     assert runner.loops == [(1, 4), (5, 4), (9, 2), (11, 4), (15, 4), (19, 2), (21, 3)]
     assert runner.evaluations == [("valid", 10), ("valid", 20)]  # none at the last step
     # a save at the first loop end at least 5 steps after the previous save
-    assert _saved_steps(state) == [4, 10, 18, 23]
+    assert saved_steps(state) == [4, 10, 18, 23]
     assert state.current_step == 23
 
 
 def test_a_stop_signal_saves_at_the_loop_end_and_raises_preempted(tmp_path):
-    state = _state(tmp_path, checkpoint_every=100)
+    state = small_state(tmp_path, checkpoint_every=100)
 
     class SignalAtStep(Action):
         def stop_requested(self, here_only):
             return "signal 15" if state.current_step >= 6 else None
 
-    controller, runner = _controller(state, [SignalAtStep()])
+    controller, runner = counting_controller(state, [SignalAtStep()])
     with pytest.raises(Preempted) as stopped:
         controller.train()
     assert stopped.value.step == 8 and runner.loops == [(1, 4), (5, 4)]
-    assert _saved_steps(state)[-1] == 8  # saved although the interval (100) had not passed
+    assert saved_steps(state)[-1] == 8  # saved although the interval (100) had not passed
 
 
 def test_an_action_stops_the_run_early_and_limits_and_undoes_loops(tmp_path):
-    state = _state(tmp_path, total_steps=40, steps_per_loop=4, eval_every=10)
+    state = small_state(tmp_path, total_steps=40, steps_per_loop=4, eval_every=10)
     undone = []
 
     class Course(Action):
@@ -147,7 +71,7 @@ def test_an_action_stops_the_run_early_and_limits_and_undoes_loops(tmp_path):
         def after_loop(self, result):
             seen.append(result.first_step)
 
-    controller, runner = _controller(state, [Course(), Record()])
+    controller, runner = counting_controller(state, [Course(), Record()])
     controller.train()
     assert runner.loops[:4] == [(1, 3), (4, 3), (4, 3), (7, 3)]
     assert 4 in seen and seen.count(4) == 1  # the undone loop reached no other action
@@ -162,26 +86,26 @@ def test_early_stopping_stops_after_the_patience_and_a_restart_trains_nothing(tm
     options = dict(total_steps=40, steps_per_loop=5, eval_every=5, checkpoint_every=5,
                    early_stopping_patience=2, best_metric="valid/loss",
                    early_stopping_start="5")
-    state = _state(tmp_path, **options)
+    state = small_state(tmp_path, **options)
     track = actions.TrackBest(train.early_stopping_context(state))
-    controller, runner = _controller(state, [track], valid_loss=losses.get)
+    controller, runner = counting_controller(state, [track], valid_loss=losses.get)
     controller.train()
     assert controller.stopped_early.startswith(
         "early stopping at step 20: valid/loss has not improved for 2 evaluations")
     assert runner.evaluations == [("valid", s) for s in (5, 10, 15, 20)]
-    assert state.best.state["step"] == 10 and _saved_steps(state)[-1] == 20
+    assert state.best.state["step"] == 10 and saved_steps(state)[-1] == 20
 
-    again = _state(tmp_path, **options)
+    again = small_state(tmp_path, **options)
     again.keeper.restore_latest()
     track = actions.TrackBest(train.early_stopping_context(again))
-    controller, runner = _controller(again, [track], valid_loss=losses.get)
+    controller, runner = counting_controller(again, [track], valid_loss=losses.get)
     controller.train()
     assert runner.loops == [] and controller.stopped_early.startswith(
         "early stopping at step 20")
 
 
 def _guarded(state, policy, train_loss):
-    controller, runner = _controller(state, [], train_loss=train_loss)
+    controller, runner = counting_controller(state, [], train_loss=train_loss)
     controller.actions.insert(0, actions.NonFiniteGuard(train.non_finite_context(state, runner),
                                                         policy))
     return controller, runner
@@ -190,18 +114,18 @@ def _guarded(state, policy, train_loss):
 def test_a_non_finite_loss_stops_the_run_without_saving_that_loop(tmp_path):
     """--on_nan=stop (the real NonFiniteGuard): a NaN loss at step 7 ends the run in one line
     naming the step; the checkpoint of that loop is never written."""
-    state = _state(tmp_path, checkpoint_every=1)
+    state = small_state(tmp_path, checkpoint_every=1)
     controller, runner = _guarded(state, "stop", lambda step: np.nan if step == 7 else 1.0)
     with pytest.raises(TrainingError, match=r"^non-finite training loss at step 7; stopped "
                                             r"without saving this loop \(latest checkpoint"):
         controller.train()
-    assert _saved_steps(state) == [4]
+    assert saved_steps(state) == [4]
 
 
 def test_a_non_finite_loss_rolls_back_and_skips_the_batches_of_that_loop(tmp_path):
     """--on_nan=rollback: back to the checkpoint of step 4, the 4 batches of the failed loop
     skipped (data position = step + 4), the input restarted there, then on to the end."""
-    state = _state(tmp_path, total_steps=12, checkpoint_every=1)
+    state = small_state(tmp_path, total_steps=12, checkpoint_every=1)
     poisoned = []
 
     def loss(step):  # NaN at step 7 the first time only (the batch at position 7 is skipped)
@@ -235,9 +159,9 @@ def test_the_controller_takes_only_actions(tmp_path):
     class NotAnAction:
         def after_loop(self, result):
             pass
-    state = _state(tmp_path)
+    state = small_state(tmp_path)
     with pytest.raises(TypeError, match="NotAnAction is not an actions.Action"):
-        _controller(state, [NotAnAction()])
+        counting_controller(state, [NotAnAction()])
 
 
 def test_every_action_of_the_trainer_is_an_action():
