@@ -8,7 +8,7 @@ are ordinary actions too: the non-finite guard (`accept`), backbone freezing (`a
 `limit`, `before_finish`), the stop signal (`stop_requested`), early stopping (`stop_reason`).
 
 An action is given only what it uses (plain values, or a small frozen context declared next to
-it), never the whole RunState: each can be built and tested on its own;
+it), never the whole RunState: each is built and tested on its own (tests/test_actions.py);
 trainer/loop/train.py builds them from the run's state.
 """
 from __future__ import annotations
