@@ -292,6 +292,28 @@ def test_the_trainers_early_stopping_context_reads_the_live_step_and_the_resolve
     assert stopping.current_step() == 7
 
 
+# --- the non-finite guard (one rollback, the stop and the misspelt hook: test_controller) -------
+def test_a_second_rollback_skips_the_batches_of_both_failed_loops(tmp_path):
+    """--on_nan=rollback twice, through the trainer's own context (train.non_finite_context):
+    the first failed loop (5-8) skips 4 batches; the second (11-14) ends at data position
+    14 + 4 = 18, back to step 10: 8 skipped in all, not the 4 of step 14 - step 10."""
+    state = small_state(tmp_path, total_steps=16, checkpoint_every=1)
+    poisoned = set()
+
+    def loss(step):  # NaN at steps 7 and 11, the first time each is trained
+        if step in (7, 11) and step not in poisoned:
+            poisoned.add(step)
+            return np.nan
+        return 1.0
+    controller, runner = counting_controller(state, [], train_loss=loss)
+    controller.actions.insert(0, actions.NonFiniteGuard(
+        train.non_finite_context(state, runner), "rollback"))
+    controller.train()
+    assert runner.loops == [(1, 4), (5, 4), (5, 4), (9, 2), (11, 4), (11, 4), (15, 2)]
+    assert int(state.skipped_batches.numpy()) == 8 and int(state.rollbacks.numpy()) == 2
+    assert runner.input_restarts == 2 and state.position == 16 + 8
+
+
 # --- backbone freezing --------------------------------------------------------------------------
 ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
 
