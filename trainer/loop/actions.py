@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data import decode
+from data import decode, layout
 from models import transfer
 from trainer.errors import INTERRUPTS, Interrupts, TrainingError
 from trainer.loop.resume import MAX_ROLLBACKS
@@ -187,7 +187,8 @@ class EvalFigures(Action):
                           figures.misclassified_gallery(predictions, names))
 
 
-def high_loss_sample(train, count: int, seed: int) -> tuple[list[str], np.ndarray]:
+def high_loss_sample(train: layout.SplitFiles, count: int,
+                     seed: int) -> tuple[list[str], np.ndarray]:
     """--high_loss_scan=N: the files and labels of N training images (all with N >= the
     training set), the same seeded sample at every evaluation so that galleries compare."""
     count = min(count, len(train))
