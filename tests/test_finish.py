@@ -3,6 +3,8 @@ the calibration from it, results.json last and atomic, a restart that gives the 
 the best checkpoint's weights after early stopping, a stop signal between outputs, the export,
 and a worker that is not the chief.
 
+All but the two export tests are in the quick tier (an export takes seconds).
+
 The pieces are the trainer's own: a RunState from run_state.create (small_resnet at 32 px,
 one device), the real StepRunner over JPEG files in class folders, the real controller,
 TrackBest and StopSignal actions, TensorBoard writers and checkpoints in tmp_path. Training is
@@ -11,11 +13,13 @@ not what is tested: `_train_to` moves the weights and the step counter as a loop
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import keras
@@ -24,7 +28,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data import datasets, layout
+from data import datasets, decode, layout
+from models import registry
+from tests.file_events import wait_for_entry
 from trainer.config import Config, RunPlan
 from trainer.errors import Interrupts, Preempted
 from trainer.loop import actions, finish, run_state
@@ -35,7 +41,6 @@ from trainer.loop.run_state import RunState
 from trainer.loop.runner import StepRunner
 from trainer.report.console import Reporter
 from trainer.report.performance import Speedometer
-from models import registry
 from trainer.state import checkpoints, run_dir
 from trainer.tools import analysis, calibration
 
@@ -47,8 +52,9 @@ BEST_STEP = 10
 
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
-    """32x32 JPEGs, one colour channel raised per class, noise on top: a random model gets
-    some right and some wrong (so a temperature can be fitted)."""
+    """32x32 JPEGs, noise with one colour channel raised per class; the last valid and test
+    image of each class has the next class's colour (mislabelled), so a model gets some wrong
+    and a temperature can be fitted."""
     root = tmp_path_factory.mktemp("finish_data")
     rng = np.random.default_rng(0)
     for split, count in SPLIT_SIZES.items():
@@ -56,7 +62,8 @@ def image_dir(tmp_path_factory):
             (root / split / name).mkdir(parents=True)
             for i in range(count):
                 pixels = rng.integers(0, 120, (32, 32, 3)).astype(np.uint8)
-                pixels[..., label] += 120
+                colour = (label + 1) % 3 if split != "train" and i == count - 1 else label
+                pixels[..., colour] += 120
                 Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
     return str(root)
 
@@ -70,10 +77,11 @@ def _state(model_dir, data_dir, strategy, *, splits=("valid", "test"), chief=Tru
            work_dir=None, **options) -> RunState:
     """A new run's state as trainer/loop/train.py makes it (seeded, nothing restored), with
     the evaluation `splits` (fewer: a cheaper finish)."""
+    defaults = dict(distribution_strategy="one_device", eval_figures=False,
+                    export_at_end=False)
     config = Config(data_dir=data_dir, model_dir=str(model_dir), model="small_resnet",
                     image_size=32, batch_size=8, train_steps=LAST_STEP, high_loss_scan=0,
-                    **{"distribution_strategy": "one_device", "eval_figures": False,
-                       "export_at_end": False, **options})
+                    **{**defaults, **options})
     inputs = Inputs(CLASSES, layout.scan_split(data_dir, "train", CLASSES),
                     {split: layout.scan_split(data_dir, split, CLASSES) for split in splits},
                     source=datasets.FolderSource(data_dir))
@@ -85,11 +93,24 @@ def _state(model_dir, data_dir, strategy, *, splits=("valid", "test"), chief=Tru
 
 
 def _train_to(state, step: int, seed: int) -> list[np.ndarray]:
-    """Moves every trainable weight as training would and sets the step counter; returns the
-    model's weights."""
+    """Stands in for training up to `step`: moves every backbone weight (seeded noise), then
+    fits the head to the train images by least squares, made overconfident (x3) so that the
+    temperature fitted on valid lies inside its range, and differs from test's. Sets the step
+    counter; returns the model's weights."""
     rng = np.random.default_rng(seed)
+    head = state.model.get_layer("logits")
     for variable in state.model.trainable_variables:
-        variable.assign(variable.numpy() + rng.normal(0, 0.2, variable.shape).astype("float32"))
+        if not any(variable is w for w in head.weights):
+            variable.assign(variable.numpy() + rng.normal(0, 0.2, variable.shape)
+                            .astype("float32"))
+    train = state.inputs.train
+    images = np.stack([decode.read_for_eval(f, 32, 1.0).numpy() for f in train.files])
+    features = keras.Model(state.model.inputs, head.input)([images]).numpy()
+    features = np.concatenate([features, np.ones([len(features), 1])], axis=1)
+    targets = 2 * np.eye(len(CLASSES))[list(train.labels)] - 1
+    solution = 3 * np.linalg.lstsq(features, targets, rcond=None)[0]
+    head.kernel.assign(solution[:-1].astype("float32"))
+    head.bias.assign(solution[-1].astype("float32"))
     state.step.assign(step)
     return [w.copy() for w in state.model.get_weights()]
 
@@ -130,6 +151,7 @@ def _count_forward_passes(model) -> list:
 
 # ---- file events: what Python opens for writing and renames, in order ------------------------
 _RECORDING: list | None = None
+_HOOKED = False
 
 
 def _audit(event: str, args) -> None:
@@ -141,21 +163,23 @@ def _audit(event: str, args) -> None:
             bool((flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
         if writes:
             _RECORDING.append(("write", os.path.abspath(path)))
-    elif event == "os.rename":
+    elif event == "os.rename":  # (os.replace's event too)
         _RECORDING.append(("rename", os.path.abspath(args[0]), os.path.abspath(args[1])))
 
 
-sys.addaudithook(_audit)  # (hooks cannot be removed: it records only inside `_file_events`)
-
-
-class _file_events:
-    def __enter__(self) -> list:
-        global _RECORDING
-        _RECORDING = []
-        return _RECORDING
-
-    def __exit__(self, *exc) -> None:
-        global _RECORDING
+@contextlib.contextmanager
+def _file_events():
+    """The files Python code opens for writing, ("write", path), and renames, ("rename",
+    source, target), inside the block, in order. What TensorFlow writes in C++ (checkpoints,
+    event files, the SavedModel) is not seen."""
+    global _RECORDING, _HOOKED
+    if not _HOOKED:  # a hook cannot be removed: outside the block it returns at once
+        sys.addaudithook(_audit)
+        _HOOKED = True
+    _RECORDING = []
+    try:
+        yield _RECORDING
+    finally:
         _RECORDING = None
 
 
@@ -203,6 +227,7 @@ def finished_run(tmp_path_factory, image_dir, one_device) -> FinishedRun:
 
 
 # ---- 1. one evaluation pass per split; the calibration from it --------------------------------
+@pytest.mark.quick
 def test_each_split_is_evaluated_once_and_the_calibration_uses_those_logits(finished_run):
     run, results = finished_run, finished_run.results
     assert run.evaluations == [("valid", LAST_STEP), ("test", LAST_STEP)]
@@ -223,13 +248,16 @@ def test_each_split_is_evaluated_once_and_the_calibration_uses_those_logits(fini
         assert results["splits"][split]["accuracy"] == pytest.approx(report.accuracy)
     valid = returned["valid"]
     temperature = calibration.fit_temperature(valid.logits, valid.labels)
-    assert not calibration.all_correct(valid.logits, valid.labels)  # a temperature was fitted
+    test = returned["test"]
+    assert 1 < temperature < np.exp(4)  # fitted, inside its range...
+    assert temperature != calibration.fit_temperature(test.logits, test.labels)  # ...valid's
     assert results["calibration"]["temperature"] == temperature
     for split, predictions in returned.items():
         assert results["calibration"][split] == calibration.calibration_report(
             predictions.logits, predictions.labels, temperature)
 
 
+@pytest.mark.quick
 def test_a_second_evaluation_does_not_trace_again(finished_run):
     """The evaluation step is one tf.function per model (StepFunctions._eval_batch): traced
     once for every split and every later pass of the same batch shape."""
@@ -241,6 +269,7 @@ def test_a_second_evaluation_does_not_trace_again(finished_run):
     assert values == run.results["splits"]
 
 
+@pytest.mark.quick
 def test_a_reused_inference_function_traces_once_over_several_passes(image_dir):
     """trainer/tools/analysis.py: the function made once (as HighLossGallery does) serves every
     predict_split over the same model."""
@@ -258,6 +287,7 @@ def test_a_reused_inference_function_traces_once_over_several_passes(image_dir):
 
 
 # ---- 2. results.json: last, atomic, the last step; a restart finishes the same way ----------
+@pytest.mark.quick
 def test_results_are_written_last_and_atomically_and_a_restart_gives_the_same(
         finished_run, image_dir, one_device):
     run, results = finished_run, finished_run.results
@@ -303,6 +333,7 @@ def _assert_weights(got, want):
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.quick
 def test_after_early_stopping_every_output_holds_the_best_checkpoints_weights(
         tmp_path, image_dir, one_device):
     model_dir = tmp_path / "run"
@@ -325,19 +356,24 @@ def test_after_early_stopping_every_output_holds_the_best_checkpoints_weights(
     _assert_weights(restored.get_weights(), last)
 
 
-@pytest.mark.parametrize("damage", ["missing", "unreadable", "none recorded"])
+@pytest.mark.quick
+@pytest.mark.parametrize("damage", ["missing", "unreadable", "another model's",
+                                    "none recorded"])
 def test_a_best_checkpoint_that_cannot_be_read_leaves_the_last_steps_weights(
         tmp_path, image_dir, one_device, damage):
     model_dir = tmp_path / "run"
     state, controller, _, _, last = _stopped_early(model_dir, image_dir, one_device, splits=(),
                                                    record_best=damage != "none recorded")
     best_dir = model_dir / run_dir.BEST_DIR
-    for name in os.listdir(best_dir) if best_dir.exists() else ():
+    for name in os.listdir(best_dir) if damage in ("missing", "unreadable") else ():
         if name.startswith(f"ckpt-{BEST_STEP}."):
             if damage == "missing":
                 os.remove(best_dir / name)
             else:
                 (best_dir / name).write_bytes(b"not a checkpoint")
+    if damage == "another model's":  # 5 classes: all but the head's values fit (and are read)
+        other = registry.build("small_resnet", 5, 32)
+        tf.train.Checkpoint(model=other).write(str(best_dir / f"ckpt-{BEST_STEP}"))
     results = finish.finish(controller, time.time())
     assert results["weights_step"] == LAST_STEP
     assert results["best_checkpoint_error"].startswith(
@@ -370,6 +406,7 @@ CHECKS = {1: "before the valid evaluation", 2: "before the calibration",
           3: "before model.keras", 4: "before results.json"}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("check", sorted(CHECKS), ids=[CHECKS[c] for c in sorted(CHECKS)])
 def test_a_stop_signal_between_outputs_stops_before_results(tmp_path, image_dir, one_device,
                                                             check, capsys):
@@ -420,7 +457,40 @@ def test_the_export_is_written_under_the_last_step_with_the_calibrated_temperatu
                                atol=1e-4)
 
 
+def test_a_signal_during_the_export_is_not_swallowed(tmp_path, image_dir, one_device, capsys):
+    """A real SIGINT (Ctrl-C) sent while the export's staging folder exists: the export ends
+    whole under its version, then the phase stops (Preempted: exit code 75) without
+    results.json, so a restart finishes the run."""
+    model_dir = tmp_path / "run"
+    state = _state(model_dir, image_dir, one_device, splits=("valid",), export_at_end=True)
+    _train_to(state, LAST_STEP, seed=1)
+    stop = actions.StopSignal(one_device, 1, interrupts=Interrupts())
+    controller, _ = _controller(state, [stop])
+    main, finishing, sent = threading.main_thread().ident, threading.Event(), []
+
+    def signal_when_staged():
+        if wait_for_entry(model_dir / run_dir.EXPORT_DIR, lambda name: name.startswith(".tmp-"),
+                          timeout=120, alive=lambda: not finishing.is_set()):
+            sent.append(signal.SIGINT)
+            signal.pthread_kill(main, signal.SIGINT)
+    watcher = threading.Thread(target=signal_when_staged)
+    watcher.start()
+    try:
+        with pytest.raises(Preempted):
+            finish.finish(controller, time.time())
+    finally:
+        finishing.set()
+        watcher.join()
+        controller.close()  # only now the handler is uninstalled: no signal can come later
+    assert sent and f"stopped by signal {int(signal.SIGINT)} while finishing" in \
+        capsys.readouterr().out
+    assert not (model_dir / run_dir.RESULTS_FILE).exists()
+    assert os.listdir(model_dir / run_dir.EXPORT_DIR) == [str(LAST_STEP)]
+    assert (model_dir / run_dir.EXPORT_DIR / str(LAST_STEP) / "saved_model.pb").exists()
+
+
 # ---- 6. a worker that is not the chief --------------------------------------------------------
+@pytest.mark.quick
 def test_a_worker_that_is_not_the_chief_returns_results_and_writes_no_outputs(
         tmp_path, image_dir, one_device):
     model_dir, scratch = tmp_path / "run", tmp_path / "worker"
