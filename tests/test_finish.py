@@ -33,7 +33,7 @@ from models import registry
 from tests.file_events import wait_for_entry
 from trainer.config import Config, RunPlan
 from trainer.errors import Interrupts, Preempted
-from trainer.loop import actions, finish, run_state
+from trainer.loop import actions, finish, run_state, train
 from trainer.loop.actions import Action
 from trainer.loop.controller import Controller
 from trainer.loop.inputs import Inputs
@@ -134,7 +134,8 @@ def _controller(state, extra_actions=()):
                         input_is_upper_bound=False, learning_rate=lambda step: 0.1)
     runner = RecordingRunner(state)
     return Controller(state, runner, reporter,
-                      [actions.TrackBest(state), *extra_actions]), runner
+                      [actions.TrackBest(train.early_stopping_context(state)),
+                       *extra_actions]), runner
 
 
 def _count_forward_passes(model) -> list:
