@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
@@ -27,9 +26,7 @@ from data.augment import Augment, Mix
 from data.datasets import (AUTOTUNE, EpochPlan, _pipeline_shard, batch_and_mix, cache_mode,
                            decoded_in_memory, grouped_epochs, random_access_epochs)
 from data.decode import check_crop_fraction, decode_and_resize, decode_for_eval
-
-if TYPE_CHECKING:  # data.source imports this module to open packed data
-    from data.source import Manifest
+from data.manifest import Manifest
 
 GROUP_SHARDS = 4
 _FEATURES = {"image": tf.io.FixedLenFeature([], tf.string),

@@ -196,7 +196,7 @@ def test_a_changed_dataset_under_a_resume_is_refused_or_accepted(demo_dir, tmp_p
 
 @pytest.mark.quick
 def test_a_changed_packed_dataset_is_seen(tmp_path):
-    from data.source import Manifest, Shard
+    from data.manifest import Manifest, Shard
     from data.layout import SplitFiles
 
     def manifest(shard_bytes):

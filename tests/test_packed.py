@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from data import check, datasets, pack, source
+from data import check, datasets, manifest, pack, source
 from data.augment import Augment
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
 from tests.test_resume import _kill_after_step, _latest_step, _model_variables
@@ -90,13 +90,13 @@ def test_grouped_order_visits_each_item_once_per_epoch_and_resumes_mid_epoch(pac
 def test_pack_again_skips_finished_shards(demo_dir, packed_dir, tmp_path):
     dest = tmp_path / "again"
     shutil.copytree(packed_dir, dest)
-    (dest / source.MANIFEST).unlink()
-    lost = source.read_manifest(str(packed_dir)).shards["valid"][1].file
+    (dest / manifest.MANIFEST).unlink()
+    lost = manifest.read_manifest(str(packed_dir)).shards["valid"][1].file
     os.remove(dest / lost)  # as if killed while packing valid
     lines = []
     pack.pack(str(demo_dir), str(dest), shard_mb=0.04, log=lines.append)
     assert [line.split()[2] for line in lines if line.startswith("pack: wrote")] == [lost]
-    assert source.read_manifest(str(dest)).splits == source.read_manifest(
+    assert manifest.read_manifest(str(dest)).splits == manifest.read_manifest(
         str(packed_dir)).splits
 
 
@@ -133,7 +133,7 @@ def test_sigkill_mid_epoch_on_packed_data_resumes_bit_identical(packed_dir, tmp_
 def test_a_truncated_or_corrupt_shard_is_one_line_naming_it(packed_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(packed_dir, bad)
-    shard = bad / source.read_manifest(str(bad)).shards["train"][3].file
+    shard = bad / manifest.read_manifest(str(bad)).shards["train"][3].file
     data = shard.read_bytes()
     shard.write_bytes(data[:len(data) // 2])
     flags = (f"--data_dir={bad}", f"--model_dir={tmp_path / 'run'}", *FAST_DEMO_FLAGS,
@@ -150,7 +150,7 @@ def test_a_truncated_or_corrupt_shard_is_one_line_naming_it(packed_dir, tmp_path
         f"data.check: packed shard {shard}: ") and len(checked.stderr.strip().splitlines()) == 1
     # Same size, one byte changed: the checksum finds it.
     shard.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
-    with pytest.raises(source.DataError, match=f"packed shard {shard}: SHA-256 differs"):
+    with pytest.raises(manifest.DataError, match=f"packed shard {shard}: SHA-256 differs"):
         source.open_source(str(bad))
 
 

@@ -6,7 +6,8 @@ import dataclasses
 import os
 
 
-from data import check, datasets, decode, diskcache, fingerprint, layout, memory, service, source
+from data import (check, datasets, decode, diskcache, fingerprint, layout, manifest, memory,
+                  service, source)
 from data.augment import Augment, Mix
 from data.files import atomic_write_text
 from trainer.config import Config, RunPlan, parse_randaugment
@@ -41,7 +42,7 @@ def read_inputs(config: Config, log) -> Inputs:
     """The class list (the run's classes.json when present: the train folders must match it)
     and the files of each split that pass the data check."""
     decode.set_max_pixels(config.max_image_pixels)  # the caches' and evaluations' decoders
-    if source.is_packed(config.data_dir):
+    if manifest.is_packed(config.data_dir):
         return read_packed_inputs(config, log)
     found = layout.train_class_names(config.data_dir)
     saved_path = os.path.join(config.model_dir, run_dir.CLASSES_FILE)
@@ -109,7 +110,7 @@ def read_packed_inputs(config: Config, log) -> Inputs:
     passed the data check when packed; its report is copied into model_dir."""
     try:
         packed = source.open_source(config.data_dir, cache_dir=config.model_dir, log=log)
-    except source.DataError as e:
+    except manifest.DataError as e:
         raise TrainingError(str(e)) from None
     class_names = packed.manifest.class_names
     saved_path = os.path.join(config.model_dir, run_dir.CLASSES_FILE)
