@@ -6,9 +6,9 @@ folders, so both give each pipeline the same images with the same labels. Per `c
 * memory: the pipeline's records are decoded once into one uint8 tensor in item order, then
   visited in the same stateless permutation as a folder's: the very batches (and losses) of
   training on the folder the data was packed from;
-* none: shards are read in the grouped order (`grouped_epochs`: shards permuted per epoch,
-  `GROUP_SHARDS` read together, their records permuted); memory is a few shards; a resume skips
-  unread every group before the restored position;
+* none: shards are read in the grouped order (data.orders.grouped_epochs: shards permuted per
+  epoch, `GROUP_SHARDS` read together, their records permuted); memory is a few shards; a resume
+  skips unread every group before the restored position;
 * disk: decoded once into chunk files (data/diskcache.py), then read in the grouped order.
 
 Evaluation reads the shards of a split in order (they keep the check's order) and pads each
@@ -23,10 +23,10 @@ import tensorflow as tf
 
 from data import diskcache
 from data.augment import Augment, Mix
-from data.datasets import (AUTOTUNE, EpochPlan, _pipeline_shard, batch_and_mix, cache_mode,
-                           decoded_in_memory, grouped_epochs, random_access_epochs)
+from data.datasets import AUTOTUNE, batch_and_mix, cache_mode, decoded_in_memory
 from data.decode import check_crop_fraction, decode_and_resize, decode_for_eval
 from data.manifest import Manifest
+from data.orders import EpochPlan, grouped_epochs, pipeline_shard, random_access_epochs
 
 GROUP_SHARDS = 4
 _FEATURES = {"image": tf.io.FixedLenFeature([], tf.string),
@@ -130,7 +130,7 @@ class PackedSource:
         the pixels of data.decode.decode_for_eval with `eval_crop` (the records keep the
         aspect ratio, so the centre crop is that of the source folder)."""
         eval_crop = check_crop_fraction(eval_crop)
-        n, pid, replicas = _pipeline_shard(context)
+        n, pid, replicas = pipeline_shard(context)
         padded = -(-len(split) // global_batch_size) * global_batch_size
         paths = [self.manifest.shard_path(s) for s in self.manifest.shards[split.name]]
         ds = _records(paths, n, pid, parallel=1).map(
