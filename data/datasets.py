@@ -1,7 +1,7 @@
-"""The tf.data datasets for training and evaluation (and synthetic batches).
+"""The tf.data datasets of image folders (FolderSource) and of random images (SyntheticSource).
 
-Both take plain arguments and an optional `tf.distribute.InputContext`, and yield per-replica
-batches of ``(uint8 images [B, S, S, 3], int32 labels [B], float32 weights [B])``.
+Both take an InputSpec (data/spec.py) and an optional `tf.distribute.InputContext`, and yield
+per-replica batches of ``(uint8 images [B, S, S, 3], int32 labels [B], float32 weights [B])``.
 
 The orders of training epochs (random access, grouped) are data/orders.py.
 
@@ -13,10 +13,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from data.augment import Augment, Mix, mix_batch
+from data.augment import Mix, mix_batch
 from data.decode import check_crop_fraction, read_and_resize, read_for_eval
 from data.orders import EpochPlan, grouped_epochs, pipeline_shard, random_access_epochs
 from data.progress import Progress
+from data.spec import InputSpec
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -57,27 +58,27 @@ def decoded_in_memory(key, num_items: int, image_size: int, make_stream, log=Non
     return tensor
 
 
-def train_dataset(files, labels, *, image_size: int, global_batch_size: int, seed: int,
-                  start_step: int, total_steps: int, augment: Augment = Augment(),
-                  cache="memory", context: tf.distribute.InputContext | None = None,
-                  mix: Mix | None = None, cache_dir: str | None = None,
-                  log=None, with_ids: bool = False, balanced: bool = False) -> tf.data.Dataset:
+def train_dataset(files, labels, spec: InputSpec,
+                  context: tf.distribute.InputContext | None = None, *, start_step: int = 0,
+                  total_steps: int, log=None) -> tf.data.Dataset:
     """Per-replica training batches (images, labels, weights) of image files for global steps
-    [start_step, total_steps); with an enabled `mix`, float32 images and soft labels
-    [B, classes]; `with_ids` adds each image's index in `files` (int32 [B]); `balanced`: the
-    class-balanced order of data.orders.epoch_order (not with the disk cache). `cache`: "memory"
-    (decode every file once into one uint8 tensor), "none" (decode every time), "disk" (this
-    pipeline's share decoded into chunks under `cache_dir`, see data/diskcache.py)."""
-    plan = EpochPlan.make(len(files), global_batch_size, start_step, total_steps, context)
-    mode = cache_mode(cache)
+    [start_step, total_steps); with an enabled `spec.mix`, float32 images and soft labels
+    [B, classes]; `spec.with_ids` adds each image's index in `files` (int32 [B]);
+    `spec.balanced`: the class-balanced order of data.orders.epoch_order (not with the disk
+    cache). `spec.cache`: "memory" (decode every file once into one uint8 tensor), "none"
+    (decode every time), "disk" (this pipeline's share decoded into chunks under
+    `spec.cache_dir`, see data/diskcache.py). `log`: the caches' progress lines."""
+    image_size, seed, augment = spec.image_size, spec.seed, spec.augment
+    plan = EpochPlan.make(len(files), spec.global_batch_size, start_step, total_steps, context)
+    mode = cache_mode(spec.cache)
     if mode == "disk":
-        if balanced:
+        if spec.balanced:
             raise ValueError("balanced sampling needs --cache_images=memory or none (the disk "
                              "cache is read in blocks)")
         from data import diskcache
         shard_files = list(files)[plan.pipeline_id::plan.num_pipelines]
         shard_labels = tf.constant(list(labels)[plan.pipeline_id::plan.num_pipelines], tf.int32)
-        chunks = diskcache.for_files(cache_dir, shard_files, image_size, log=log)
+        chunks = diskcache.for_files(spec.cache_dir, shard_files, image_size, log=log)
         ds = grouped_epochs(plan, seed, chunks.sizes, chunks.load_group, shard_labels,
                             image_size, augment, diskcache.GROUP_CHUNKS, encoded=False)
     elif mode == "memory":
@@ -92,13 +93,13 @@ def train_dataset(files, labels, *, image_size: int, global_batch_size: int, see
         ds = random_access_epochs(plan, seed, tf.data.Dataset.from_tensors(images),
                                   lambda all_images, i: all_images[i],
                                   tf.constant(list(labels), tf.int32), image_size, augment,
-                                  balanced)
+                                  spec.balanced)
     else:
         ds = random_access_epochs(plan, seed, tf.data.Dataset.from_tensors(list(files)),
                                   lambda paths, i: read_and_resize(paths[i], image_size),
                                   tf.constant(list(labels), tf.int32), image_size, augment,
-                                  balanced)
-    return batch_and_mix(ds, plan, seed=seed, mix=mix, with_ids=with_ids)
+                                  spec.balanced)
+    return batch_and_mix(ds, plan, seed=seed, mix=spec.mix, with_ids=spec.with_ids)
 
 
 def batch_and_mix(ds: tf.data.Dataset, plan: EpochPlan, *, seed: int, mix: Mix | None,
@@ -128,12 +129,13 @@ def batch_and_mix(ds: tf.data.Dataset, plan: EpochPlan, *, seed: int, mix: Mix |
     return ds.prefetch(AUTOTUNE)
 
 
-def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cache="memory",
-                 context: tf.distribute.InputContext | None = None,
-                 eval_crop: float = 1.0) -> tf.data.Dataset:
-    """Every image once, in file order, padded with weight-0 copies to whole global batches;
-    pixels of data.decode.decode_for_eval with `eval_crop` (1: squashed, F < 1: centre crop)."""
-    eval_crop = check_crop_fraction(eval_crop)
+def eval_dataset(files, labels, spec: InputSpec,
+                 context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    """Every image once, in file order, padded with weight-0 copies to whole global batches of
+    `spec.eval_batch_size`; pixels of data.decode.decode_for_eval with `spec.eval_crop` (1:
+    squashed, F < 1: centre crop); kept decoded after the first pass with eval_cache memory."""
+    eval_crop, image_size = check_crop_fraction(spec.eval_crop), spec.image_size
+    global_batch_size = spec.eval_batch_size
     num_pipelines, pipeline_id, replicas_per_pipeline = pipeline_shard(context)
     per_replica_batch = global_batch_size // (num_pipelines * replicas_per_pipeline)
     files, labels = list(files), list(labels)
@@ -147,23 +149,27 @@ def eval_dataset(files, labels, *, image_size: int, global_batch_size: int, cach
     ds = ds.shard(num_pipelines, pipeline_id)
     ds = ds.map(lambda p, y, w: (read_for_eval(p, image_size, eval_crop), y, w),
                 num_parallel_calls=AUTOTUNE)
-    if cache_mode(cache) == "memory":  # disk: eval sets are small, streamed
+    if cache_mode(spec.eval_cache) == "memory":  # disk: eval sets are small, streamed
         ds = ds.cache()
     return ds.batch(per_replica_batch, drop_remainder=True).prefetch(AUTOTUNE)
 
 
 class FolderSource:
-    """Image files in class folders (see data/source.py for the packed kind)."""
+    """Image files in class folders (data/source.py has the interface)."""
     kind = "folder"
+    balanced_cache_modes = ("memory", "none")  # balanced epochs read images one by one
 
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
 
-    def train_dataset(self, split, **kwargs) -> tf.data.Dataset:
-        return train_dataset(split.files, split.labels, **kwargs)
+    def train_dataset(self, split, spec: InputSpec, context=None, *, start_step: int = 0,
+                      total_steps: int, log=None) -> tf.data.Dataset:
+        return train_dataset(split.files, split.labels, spec, context, start_step=start_step,
+                             total_steps=total_steps, log=log)
 
-    def eval_dataset(self, split, **kwargs) -> tf.data.Dataset:
-        return eval_dataset(split.files, split.labels, **kwargs)
+    def eval_dataset(self, split, spec: InputSpec, context=None) -> tf.data.Dataset:
+        # By keyword: tests/finish_probe.py wraps eval_dataset(files, labels, **kwargs).
+        return eval_dataset(split.files, split.labels, spec=spec, context=context)
 
     @staticmethod
     def disk_cache_name(split, image_size: int, num_pipelines: int, pipeline_id: int) -> str:
@@ -172,19 +178,51 @@ class FolderSource:
         return diskcache.folder_name(list(split.files)[pipeline_id::num_pipelines], image_size)
 
 
-def synthetic_dataset(*, image_size: int, num_classes: int, global_batch_size: int, seed: int,
-                      num_steps: int, context: tf.distribute.InputContext | None = None
-                      ) -> tf.data.Dataset:
-    """One random uint8 batch per replica, repeated from memory: the model's compute ceiling
-    without file reading or decoding (for measuring a host without its data)."""
-    num_pipelines, pipeline_id, replicas_per_pipeline = pipeline_shard(context)
-    per_replica_batch = global_batch_size // (num_pipelines * replicas_per_pipeline)
+def _random_batch(image_size: int, per_replica_batch: int, num_classes: int, seed: int,
+                  pipeline_id: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """One pipeline's random (uint8 images, int32 labels), a function of (seed, pipeline)."""
     batch_seed = tf.constant([seed, pipeline_id], tf.int64)
     images = tf.cast(tf.random.stateless_uniform(
         [per_replica_batch, image_size, image_size, 3], batch_seed, maxval=256, dtype=tf.int32),
         tf.uint8)
     labels = tf.random.stateless_uniform([per_replica_batch], batch_seed + 1, maxval=num_classes,
                                          dtype=tf.int32)
-    weights = tf.ones([per_replica_batch], tf.float32)
-    ds = tf.data.Dataset.from_tensors((images, labels, weights)).repeat()
-    return ds.take(num_steps * replicas_per_pipeline).prefetch(AUTOTUNE)
+    return images, labels
+
+
+class SyntheticSource:
+    """One random uint8 batch per replica, repeated from memory: the model's compute ceiling
+    without file reading or decoding (for measuring a host without its data). Its splits have
+    no files; evaluation gives the batches a split of that many items would."""
+    kind = "synthetic"
+    balanced_cache_modes = ("none",)
+    data_dir = None
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def train_dataset(self, split, spec: InputSpec, context=None, *, start_step: int = 0,
+                      total_steps: int, log=None) -> tf.data.Dataset:
+        num_pipelines, pipeline_id, replicas_per_pipeline = pipeline_shard(context)
+        per_replica_batch = spec.global_batch_size // (num_pipelines * replicas_per_pipeline)
+        images, labels = _random_batch(spec.image_size, per_replica_batch, self.num_classes,
+                                       spec.seed, pipeline_id)
+        weights = tf.ones([per_replica_batch], tf.float32)
+        ds = tf.data.Dataset.from_tensors((images, labels, weights)).repeat()
+        return ds.take((total_steps - start_step) * replicas_per_pipeline).prefetch(AUTOTUNE)
+
+    def eval_dataset(self, split, spec: InputSpec, context=None) -> tf.data.Dataset:
+        """The random batch for every batch of `split` (its items, as a folder's: this
+        pipeline's are positions id, id+n, ...), weight 0 past its end."""
+        num_pipelines, pipeline_id, replicas_per_pipeline = pipeline_shard(context)
+        per_replica_batch = spec.eval_batch_size // (num_pipelines * replicas_per_pipeline)
+        images, labels = _random_batch(spec.image_size, per_replica_batch, self.num_classes,
+                                       spec.seed, pipeline_id)
+        padded = -(-len(split) // spec.eval_batch_size) * spec.eval_batch_size
+        weights = tf.cast(tf.range(pipeline_id, padded, num_pipelines) < len(split), tf.float32)
+        return tf.data.Dataset.from_tensor_slices(weights).batch(
+            per_replica_batch, drop_remainder=True).map(lambda w: (images, labels, w))
+
+    @staticmethod
+    def disk_cache_name(split, image_size: int, num_pipelines: int, pipeline_id: int) -> str:
+        return ""  # never cached: nothing is decoded

@@ -97,13 +97,13 @@ def evaluate_run(model_dir: str, *, split: str = "test", data_dir: str | None = 
     batch_size = batch_size or run.eval_batch_size
     eval_crop = run.eval_crop if eval_crop is None else float(eval_crop)
     from data import decode, source
+    from data.spec import InputSpec
     decode.set_max_pixels(_max_image_pixels(run))  # the run's limit, before anything decodes
     data = source.open_source(data_dir, cache_dir=run.model_dir)
+    spec = InputSpec(run.image_size, batch_size, eval_cache="none", eval_crop=eval_crop)
     predictions = analysis.predict_split(
         model, files.files, files.labels, image_size=run.image_size, batch_size=batch_size,
-        gallery_size=gallery_size, tta=tta, dataset=data.eval_dataset(
-            files, image_size=run.image_size, global_batch_size=batch_size, cache="none",
-            eval_crop=eval_crop))
+        gallery_size=gallery_size, tta=tta, dataset=data.eval_dataset(files, spec))
     report = analysis.make_report(predictions, run.class_names, split=split, step=step,
                                   checkpoint=checkpoint, data_dir=data_dir, tta=tta,
                                   eval_crop=eval_crop, run_eval_crop=run.eval_crop)
