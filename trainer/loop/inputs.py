@@ -36,7 +36,7 @@ class Inputs:
         return SYNTHETIC_EPOCH_IMAGES if self.synthetic else len(self.train)
 
 
-def synthetic_inputs(config: Config) -> Inputs:
+def _synthetic_inputs(config: Config) -> Inputs:
     names = [f"synthetic_{i:04d}" for i in range(config.synthetic_classes)]
     return Inputs(names, layout.SplitFiles("train", (), ()), {},
                   source=source.open_source(None, synthetic=True, num_classes=len(names)))
@@ -44,7 +44,10 @@ def synthetic_inputs(config: Config) -> Inputs:
 
 def read_inputs(config: Config, log) -> Inputs:
     """The class list (the run's classes.json when present: the train folders must match it)
-    and the files of each split that pass the data check."""
+    and the files of each split that pass the data check; with --synthetic_data, numbered
+    classes, no files and random images."""
+    if config.synthetic_data:
+        return _synthetic_inputs(config)
     decode.set_max_pixels(config.max_image_pixels)  # the caches' and evaluations' decoders
     if manifest.is_packed(config.data_dir):
         return read_packed_inputs(config, log)
