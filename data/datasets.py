@@ -192,8 +192,10 @@ def _random_batch(image_size: int, per_replica_batch: int, num_classes: int, see
 
 class SyntheticSource:
     """One random uint8 batch per replica, repeated from memory: the model's compute ceiling
-    without file reading or decoding (for measuring a host without its data). Its splits have
-    no files; evaluation gives the batches a split of that many items would."""
+    without file reading or decoding (for measuring a host without its data). Of the spec only
+    the sizes and the seed count (no augmentation, mixing or item ids: what is measured is the
+    step alone). Its splits have no files; evaluation gives the batches a split of that many
+    items would."""
     kind = "synthetic"
     balanced_cache_modes = ("none",)
     data_dir = None

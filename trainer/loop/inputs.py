@@ -8,8 +8,8 @@ import os
 
 from data import check, decode, diskcache, fingerprint, layout, manifest, memory, service, source
 from data.augment import Augment, Mix
-from data.spec import InputSpec
 from data.files import atomic_write_text
+from data.spec import InputSpec
 from trainer.config import Config, RunPlan, parse_randaugment
 from trainer.errors import TrainingError
 from trainer.loop import distribute, resume
