@@ -47,15 +47,14 @@ def worker(row: str, args) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     importlib.import_module("tensorflow")  # loaded before the clock starts
     from data import service, source
+    from data.spec import InputSpec
     data_dir = args.data_dir if row == "in_folder" else args.packed_dir
     start = time.perf_counter()
     src = source.open_source(data_dir)
     split = src.manifest.splits["train"] if src.kind == "packed" else _folder_split(data_dir)
-    dataset = src.train_dataset(split, image_size=args.image_size,
-                                global_batch_size=args.batch_size, seed=0, start_step=0,
-                                total_steps=args.warmup_steps + args.steps,
-                                cache="disk" if row == "in_disk" else "none",
-                                cache_dir=args.cache_dir)
+    spec = InputSpec(args.image_size, args.batch_size,
+                     cache="disk" if row == "in_disk" else "none", cache_dir=args.cache_dir)
+    dataset = src.train_dataset(split, spec, total_steps=args.warmup_steps + args.steps)
     if args.service:
         dataset = service.distribute(dataset, args.service)
     return dict(time_batches(dataset, args.warmup_steps, start), peak_rss_mb=_peak_rss_mb())

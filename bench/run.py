@@ -126,12 +126,13 @@ def worker_tuned_fit(args) -> dict:
     strategy = _setup(args.replicas)
     import keras
     from data import datasets, layout
+    from data.spec import InputSpec
     from models import registry
     names = layout.train_class_names(args.data_dir)
     split = layout.scan_split(args.data_dir, "train", names)
     steps = args.warmup_steps + args.steps
-    dataset = datasets.train_dataset(split.files, split.labels, image_size=args.image_size,
-                                     global_batch_size=args.batch_size, seed=0, start_step=0,
+    dataset = datasets.train_dataset(split.files, split.labels,
+                                     InputSpec(args.image_size, args.batch_size),
                                      total_steps=steps)
     with strategy.scope():  # Keras' stock BatchNorm, as a Keras user has it
         model = registry.build(args.model, len(names), args.image_size, fused_batchnorm=False)
@@ -203,11 +204,12 @@ def worker_tf_keras(args, precision: str = "none") -> dict:
 def worker_input(args) -> dict:
     _setup(1)
     from data import datasets, layout
+    from data.spec import InputSpec
     names = layout.train_class_names(args.data_dir)
     split = layout.scan_split(args.data_dir, "train", names)
     steps = args.warmup_steps + args.steps * 4
-    dataset = datasets.train_dataset(split.files, split.labels, image_size=args.image_size,
-                                     global_batch_size=args.batch_size, seed=0, start_step=0,
+    dataset = datasets.train_dataset(split.files, split.labels,
+                                     InputSpec(args.image_size, args.batch_size),
                                      total_steps=steps)
     iterator = iter(dataset)
     start = time.perf_counter()

@@ -165,6 +165,7 @@ def worker_input(args) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow  # noqa: F401 - loaded before the clock starts
     from data import check, source
+    from data.spec import InputSpec
     start = time.perf_counter()
     src = source.open_source(args.data_dir)
     if src.kind == "packed":
@@ -173,10 +174,10 @@ def worker_input(args) -> dict:
         split = check.scan(args.data_dir, cache_path=check.default_cache_path(
             args.data_dir)).splits["train"]
     try:
-        dataset = src.train_dataset(split, image_size=args.image_size,
-                                    global_batch_size=args.batch_size, seed=0, start_step=0,
-                                    total_steps=args.input_warmup + args.input_steps,
-                                    cache=args.cache, cache_dir=args.cache_dir)
+        spec = InputSpec(args.image_size, args.batch_size, cache=args.cache,
+                         cache_dir=args.cache_dir)
+        dataset = src.train_dataset(split, spec,
+                                    total_steps=args.input_warmup + args.input_steps)
     except ValueError as error:  # a cache mode the data layer does not have
         return {"not_available": str(error)}
     return input_rows.time_batches(dataset, args.input_warmup, start)

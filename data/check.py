@@ -818,11 +818,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"decode every file; do not read or write DATA_DIR/{CACHE_NAME}")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from data import source
-    if source.is_packed(args.data_dir):  # checked when packed: its report, and the shards now
+    from data import manifest
+    if manifest.is_packed(args.data_dir):  # checked when packed: its report, and the shards now
         try:
-            source.verify_shards(source.read_manifest(args.data_dir))
-        except source.DataError as e:
+            manifest.verify_shards(manifest.read_manifest(args.data_dir))
+        except manifest.DataError as e:
             print(f"data.check: {e}", file=sys.stderr)
             return 1
         with open(os.path.join(args.data_dir, REPORT_NAME + ".txt"), encoding="utf-8") as f:

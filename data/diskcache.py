@@ -10,7 +10,7 @@ used only when its key matches and every chunk has its exact size; otherwise it 
 rebuilt, with one line saying why. A build is written under `.tmp-NAME-PID-*` and renamed
 into place; runs sharing CACHE_DIR never delete a version another one reads (open_or_build).
 
-Training reads the chunks with `grouped_epochs` (data/datasets.py): `GROUP_CHUNKS` chunks at a
+Training reads the chunks with `grouped_epochs` (data/orders.py): `GROUP_CHUNKS` chunks at a
 time, permuted by (seed, epoch), their images permuted within the group.
 """
 from __future__ import annotations

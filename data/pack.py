@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from data import check, layout, source
+from data import check, layout, manifest
 from data.files import atomic_write_text, fsync_path
 from data.progress import Progress
 
@@ -57,7 +57,7 @@ def plan_shards(data_dir: str, split: layout.SplitFiles, shard_mb: float, shuffl
 
 
 def _shard_key(split: layout.SplitFiles, positions: list[int], max_side: int) -> str:
-    digest = hashlib.sha256(f"{source.VERSION} {max_side}".encode())
+    digest = hashlib.sha256(f"{manifest.VERSION} {max_side}".encode())
     for position in positions:
         st = os.stat(split.files[position])
         digest.update(f"\n{split.files[position]}\t{split.labels[position]}\t{position}\t"
@@ -132,7 +132,8 @@ def pack_split(data_dir: str, dest: str, split: layout.SplitFiles, *, max_side: 
         if not (done and done["key"] == key and os.path.exists(path)
                 and os.path.getsize(path) == done["bytes"]):
             write_shard(path, split, rel_files, positions, max_side)
-            done = {"key": key, "bytes": os.path.getsize(path), "sha256": source.file_sha256(path)}
+            done = {"key": key, "bytes": os.path.getsize(path),
+                    "sha256": manifest.file_sha256(path)}
             progress[name] = done
             atomic_write_text(os.path.join(dest, PROGRESS), json.dumps(progress))
             written.update(len(positions))
@@ -148,53 +149,53 @@ def pack_split(data_dir: str, dest: str, split: layout.SplitFiles, *, max_side: 
 def pack(data_dir: str, dest: str, *, max_side: int = 0, shard_mb: float = 100.0,
          skip_unknown_classes: bool = False, on_bad_file: str = "skip", log=print) -> dict:
     """Check `data_dir` and pack what passed into `dest`; returns the manifest. Raises
-    source.DataError (one line) when the check finds errors or `dest` is unusable."""
+    manifest.DataError (one line) when the check finds errors or `dest` is unusable."""
     _check_dest(dest, data_dir)
     scanned = check.scan(data_dir, skip_unknown_classes=skip_unknown_classes,
                          on_bad_file=on_bad_file, cache_path=check.default_cache_path(data_dir),
                          log=log)
     os.makedirs(dest, exist_ok=True)
     earlier = _manifest_shards(dest)
-    if os.path.exists(os.path.join(dest, source.MANIFEST)):  # not "complete" while it changes
-        os.remove(os.path.join(dest, source.MANIFEST))
+    if os.path.exists(os.path.join(dest, manifest.MANIFEST)):  # not "complete" while it changes
+        os.remove(os.path.join(dest, manifest.MANIFEST))
     report_path = scanned.report.write(dest)
     for warning in scanned.report.warnings:
         log(f"warning: {warning}")
     if scanned.report.errors:
-        raise source.DataError(f"data check: {scanned.report.error_line(report_path)}")
+        raise manifest.DataError(f"data check: {scanned.report.error_line(report_path)}")
     progress = _read_progress(dest)
-    manifest = {"format": source.FORMAT, "version": source.VERSION,
+    contents = {"format": manifest.FORMAT, "version": manifest.VERSION,
                 "class_names": scanned.class_names, "max_side": max_side,
                 "source": os.path.abspath(data_dir), "splits": {}}
     for name, split in scanned.splits.items():
-        manifest["splits"][name] = pack_split(data_dir, dest, split, max_side=max_side,
+        contents["splits"][name] = pack_split(data_dir, dest, split, max_side=max_side,
                                               shard_mb=shard_mb, progress=progress, log=log)
-    wanted = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    wanted = {s["file"] for split in contents["splits"].values() for s in split["shards"]}
     _remove_earlier_shards(dest, wanted, earlier, progress, log)
     atomic_write_text(os.path.join(dest, "classes.json"), json.dumps(scanned.class_names,
                                                                      indent=1))
-    atomic_write_text(os.path.join(dest, source.MANIFEST), json.dumps(manifest))
-    return manifest
+    atomic_write_text(os.path.join(dest, manifest.MANIFEST), json.dumps(contents))
+    return contents
 
 
 def _check_dest(dest: str, data_dir: str) -> None:
     """--dest is new, empty, or a folder data.pack wrote (it holds manifest.json or the progress
     file): a pack never writes into, or deletes from, another program's folder."""
     if os.path.abspath(dest) == os.path.abspath(data_dir):
-        raise source.DataError(f"--dest={dest}: must not be the --data_dir itself")
+        raise manifest.DataError(f"--dest={dest}: must not be the --data_dir itself")
     if os.path.exists(dest) and not os.path.isdir(dest):
-        raise source.DataError(f"--dest={dest}: exists and is not a folder")
+        raise manifest.DataError(f"--dest={dest}: exists and is not a folder")
     if os.path.isdir(dest) and os.listdir(dest) and not any(
-            os.path.exists(os.path.join(dest, name)) for name in (source.MANIFEST, PROGRESS)):
-        raise source.DataError(f"--dest={dest}: a non-empty folder that data.pack did not write "
-                               f"(no {source.MANIFEST} or {PROGRESS}); nothing was changed: "
-                               f"give a new or empty folder")
+            os.path.exists(os.path.join(dest, name)) for name in (manifest.MANIFEST, PROGRESS)):
+        raise manifest.DataError(f"--dest={dest}: a non-empty folder that data.pack did not "
+                                 f"write (no {manifest.MANIFEST} or {PROGRESS}); nothing was "
+                                 f"changed: give a new or empty folder")
 
 
 def _manifest_shards(dest: str) -> set[str]:
     """The shard names of the manifest an earlier pack wrote into `dest` (none if unreadable)."""
     try:
-        with open(os.path.join(dest, source.MANIFEST)) as f:
+        with open(os.path.join(dest, manifest.MANIFEST)) as f:
             splits = json.load(f).get("splits", {})
         return {s["file"] for split in splits.values() for s in split["shards"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = pack(args.data_dir, args.dest, max_side=args.max_side,
                         shard_mb=args.shard_mb, skip_unknown_classes=args.skip_unknown_classes,
                         on_bad_file=args.on_bad_file, log=lambda m: print(m, flush=True))
-    except (source.DataError, layout.LayoutError, OSError) as e:
+    except (manifest.DataError, layout.LayoutError, OSError) as e:
         print(f"data.pack: {e}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{name} {len(split['files'])} images in {len(split['shards'])} shards"

@@ -6,9 +6,9 @@ folders, so both give each pipeline the same images with the same labels. Per `c
 * memory: the pipeline's records are decoded once into one uint8 tensor in item order, then
   visited in the same stateless permutation as a folder's: the very batches (and losses) of
   training on the folder the data was packed from;
-* none: shards are read in the grouped order (`grouped_epochs`: shards permuted per epoch,
-  `GROUP_SHARDS` read together, their records permuted); memory is a few shards; a resume skips
-  unread every group before the restored position;
+* none: shards are read in the grouped order (data.orders.grouped_epochs: shards permuted per
+  epoch, `GROUP_SHARDS` read together, their records permuted); memory is a few shards; a resume
+  skips unread every group before the restored position;
 * disk: decoded once into chunk files (data/diskcache.py), then read in the grouped order.
 
 Evaluation reads the shards of a split in order (they keep the check's order) and pads each
@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
 from data import diskcache
-from data.augment import Augment, Mix
-from data.datasets import (AUTOTUNE, EpochPlan, _pipeline_shard, batch_and_mix, cache_mode,
-                           decoded_in_memory, grouped_epochs, random_access_epochs)
+from data.datasets import AUTOTUNE, batch_and_mix, cache_mode, decoded_in_memory
 from data.decode import check_crop_fraction, decode_and_resize, decode_for_eval
-
-if TYPE_CHECKING:  # data.source imports this module to open packed data
-    from data.source import Manifest
+from data.manifest import Manifest
+from data.orders import EpochPlan, grouped_epochs, pipeline_shard, random_access_epochs
+from data.spec import InputSpec
 
 GROUP_SHARDS = 4
 _FEATURES = {"image": tf.io.FixedLenFeature([], tf.string),
@@ -48,7 +45,9 @@ def _records(paths, num_pipelines: int, pipeline_id: int, parallel: int = 4) -> 
 
 
 class PackedSource:
+    """TFRecord shards of data/pack.py (data/source.py has the interface)."""
     kind = "packed"
+    balanced_cache_modes = ("memory",)  # the other modes read the shards in blocks
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
@@ -64,16 +63,16 @@ class PackedSource:
                 sizes.append(mine)
         return paths, sizes
 
-    def train_dataset(self, split, *, image_size: int, global_batch_size: int, seed: int,
-                      start_step: int, total_steps: int, augment: Augment = Augment(),
-                      cache="memory", context=None, mix: Mix | None = None,
-                      cache_dir: str | None = None, log=None,
-                      with_ids: bool = False, balanced: bool = False) -> tf.data.Dataset:
-        plan = EpochPlan.make(len(split), global_batch_size, start_step, total_steps, context)
+    def train_dataset(self, split, spec: InputSpec, context=None, *, start_step: int = 0,
+                      total_steps: int, log=None) -> tf.data.Dataset:
+        """As data.datasets.train_dataset; the order per cache mode is in the module doc."""
+        image_size, seed, augment = spec.image_size, spec.seed, spec.augment
+        plan = EpochPlan.make(len(split), spec.global_batch_size, start_step, total_steps,
+                              context)
         n, pid = plan.num_pipelines, plan.pipeline_id
         labels = tf.constant(split.labels[pid::n], tf.int32)
         paths, sizes = self._blocks(split.name, plan)
-        mode = cache_mode(cache)
+        mode = cache_mode(spec.cache)
         if mode == "memory":  # every record, as a folder's memory cache holds every file
             all_paths = [self.manifest.shard_path(s) for s in self.manifest.shards[split.name]]
 
@@ -87,12 +86,12 @@ class PackedSource:
             ds = random_access_epochs(plan, seed, tf.data.Dataset.from_tensors(images),
                                       lambda items, i: items[i],
                                       tf.constant(split.labels, tf.int32), image_size, augment,
-                                      balanced)
-        elif balanced:
+                                      spec.balanced)
+        elif spec.balanced:
             raise ValueError("balanced sampling of packed data needs --cache_images=memory (the "
                              "shards are read in blocks otherwise)")
         elif mode == "disk":
-            chunks = self._disk_cache(split, paths, plan, image_size, cache_dir, log)
+            chunks = self._disk_cache(split, paths, plan, image_size, spec.cache_dir, log)
             ds = grouped_epochs(plan, seed, chunks.sizes, chunks.load_group, labels, image_size,
                                 augment, diskcache.GROUP_CHUNKS, encoded=False)
         else:
@@ -106,7 +105,7 @@ class PackedSource:
                 return tf.gather(images, order), tf.gather(local, order)
             ds = grouped_epochs(plan, seed, sizes, load_group, labels, image_size, augment,
                                 GROUP_SHARDS, encoded=True)
-        return batch_and_mix(ds, plan, seed=seed, mix=mix, with_ids=with_ids)
+        return batch_and_mix(ds, plan, seed=seed, mix=spec.mix, with_ids=spec.with_ids)
 
     def disk_cache_name(self, split, image_size: int, num_pipelines: int,
                         pipeline_id: int) -> str:
@@ -127,13 +126,13 @@ class PackedSource:
         return diskcache.open_or_build(cache_dir, name, key, make_stream, image_size, log,
                                        plan.shard_size)
 
-    def eval_dataset(self, split, *, image_size: int, global_batch_size: int, cache="memory",
-                     context=None, eval_crop: float = 1.0) -> tf.data.Dataset:
+    def eval_dataset(self, split, spec: InputSpec, context=None) -> tf.data.Dataset:
         """Every image of `split` once, in item order, then weight-0 blanks to whole batches;
-        the pixels of data.decode.decode_for_eval with `eval_crop` (the records keep the
+        the pixels of data.decode.decode_for_eval with `spec.eval_crop` (the records keep the
         aspect ratio, so the centre crop is that of the source folder)."""
-        eval_crop = check_crop_fraction(eval_crop)
-        n, pid, replicas = _pipeline_shard(context)
+        eval_crop, image_size = check_crop_fraction(spec.eval_crop), spec.image_size
+        global_batch_size = spec.eval_batch_size
+        n, pid, replicas = pipeline_shard(context)
         padded = -(-len(split) // global_batch_size) * global_batch_size
         paths = [self.manifest.shard_path(s) for s in self.manifest.shards[split.name]]
         ds = _records(paths, n, pid, parallel=1).map(
@@ -143,7 +142,7 @@ class PackedSource:
                  tf.zeros([], tf.float32))
         pad = len(range(len(split), padded)[(pid - len(split)) % n::n])
         ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-        if cache_mode(cache) == "memory":
+        if cache_mode(spec.eval_cache) == "memory":
             ds = ds.cache()
         per_replica_batch = global_batch_size // (n * replicas)
         return ds.batch(per_replica_batch, drop_remainder=True).prefetch(AUTOTUNE)

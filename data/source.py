@@ -1,141 +1,61 @@
-"""Where training data comes from: a folder of images or a packed folder (data/pack.py).
+"""Where training data comes from: a folder of images, a packed folder (data/pack.py) or random
+images; one interface for the three.
 
-    source = open_source(data_dir)        # FolderSource or PackedSource, by the manifest
-    source.train_dataset(split_files, image_size=..., ..., cache="memory"|"disk"|"none",
-                         cache_dir=..., context=...)
-    source.eval_dataset(split_files, image_size=..., global_batch_size=..., cache=..., context=...,
-                        eval_crop=F)      # pixels of data.decode.decode_for_eval
+    source = open_source(data_dir)                    # FolderSource or PackedSource
+    source = open_source(None, synthetic=True, num_classes=10)        # SyntheticSource
+    spec = InputSpec(image_size=224, global_batch_size=256, ...)     # data/spec.py
+    source.train_dataset(split_files, spec, context, start_step=k, total_steps=n, log=print)
+    source.eval_dataset(split_files, spec, context)
 
-A packed folder is recognised by its `manifest.json`, written last by data.pack: a folder without
-it is never read as packed data. `read_manifest` and `verify_shards` need no TensorFlow, so the
-trainer and the tools can refuse a bad packed folder (a missing, truncated or corrupt shard) in one
-line before anything loads.
+A packed folder is the one with a manifest (data/manifest.py, TensorFlow-free). Every source
+yields per-replica batches of (uint8 images [B, S, S, 3], int32 labels [B], float32 weights
+[B]) (with an enabled `spec.mix`, float32 images and soft labels; with `spec.with_ids`, item
+indices after the weights).
 
-Both sources give the same items for a split: `layout.SplitFiles` whose files are, for a folder,
-the readable image paths the data check kept and, for packed data, the same paths relative to
-the packed data's source folder, in the same order, with the same labels.
+The folder and packed sources give the same items for a split: `layout.SplitFiles` whose files
+are, for a folder, the readable image paths the data check kept and, for packed data, the same
+paths relative to the packed data's source folder, in the same order, with the same labels.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
+from typing import Protocol
 
-from data import layout
-from data.files import atomic_write_text
+import tensorflow as tf
 
-MANIFEST = "manifest.json"
-FORMAT = "birdtrainer-packed"
-VERSION = 1
-VERIFIED_CACHE = ".verified.json"
-CACHE_MODES = ("memory", "disk", "none")
+from data import manifest
+from data.datasets import FolderSource, SyntheticSource
+from data.layout import SplitFiles
+from data.packed import PackedSource
+from data.spec import InputSpec
 
 
-class DataError(ValueError):
-    """Input data that cannot be used; str() is one line naming the file and the rule."""
+class Source(Protocol):
+    kind: str  # folder, packed or synthetic
+    data_dir: str | None
+    balanced_cache_modes: tuple[str, ...]  # the cache modes that can serve balanced epochs
+
+    def train_dataset(self, split: SplitFiles, spec: InputSpec,
+                      context: tf.distribute.InputContext | None = None, *,
+                      start_step: int = 0, total_steps: int, log=None) -> tf.data.Dataset:
+        """Training batches of global steps [start_step, total_steps)."""
+
+    def eval_dataset(self, split: SplitFiles, spec: InputSpec,
+                     context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        """Every item of `split` once, weight-0 padded to whole global evaluation batches."""
+
+    def disk_cache_name(self, split: SplitFiles, image_size: int, num_pipelines: int,
+                        pipeline_id: int) -> str:
+        """The disk cache folder (under CACHE_DIR/decoded) of one pipeline's share."""
 
 
-def is_packed(data_dir: str) -> bool:
-    return os.path.isfile(os.path.join(data_dir, MANIFEST))
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    file: str  # name inside the packed folder
-    indices: tuple[int, ...]  # item positions in its split, in record order
-    bytes: int
-    sha256: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    data_dir: str
-    class_names: list[str]
-    splits: dict[str, layout.SplitFiles]  # files relative to the packed data's source
-    shards: dict[str, tuple[Shard, ...]]
-    max_side: int
-
-    def shard_path(self, shard: Shard) -> str:
-        return os.path.join(self.data_dir, shard.file)
-
-
-def read_manifest(data_dir: str) -> Manifest:
-    path = os.path.join(data_dir, MANIFEST)
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-            raise DataError(f"{path}: not a version-{VERSION} {FORMAT} manifest")
-        splits, shards = {}, {}
-        for name, split in raw["splits"].items():
-            splits[name] = layout.SplitFiles(name, tuple(split["files"]), tuple(split["labels"]))
-            shards[name] = tuple(Shard(s["file"], tuple(s["indices"]), s["bytes"], s["sha256"])
-                                 for s in split["shards"])
-        return Manifest(data_dir, list(raw["class_names"]), splits, shards,
-                        int(raw.get("max_side") or 0))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: unreadable packed-data manifest ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_shards(manifest: Manifest, cache_dir: str | None = None, log=None) -> None:
-    """Every shard present with its size and SHA-256; raises DataError naming the first bad one.
-    Checksums are computed once per (file, size, mtime) and remembered in `.verified.json`
-    (in the packed folder, or `cache_dir` when that is read-only)."""
-    cache_path = os.path.join(manifest.data_dir, VERIFIED_CACHE)
-    if not os.access(manifest.data_dir, os.W_OK):
-        cache_path = os.path.join(cache_dir, VERIFIED_CACHE) if cache_dir else None
-    try:
-        with open(cache_path) as f:
-            verified = json.load(f)
-    except (OSError, ValueError, TypeError):
-        verified = {}
-    todo, new = [], {}
-    for shard in (s for shards in manifest.shards.values() for s in shards):
-        path = manifest.shard_path(shard)
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise DataError(f"packed shard {path}: missing (re-run data.pack or the sync)") \
-                from None
-        if st.st_size != shard.bytes:
-            raise DataError(f"packed shard {path}: {st.st_size} bytes, the manifest says "
-                            f"{shard.bytes} (truncated or replaced; re-run data.pack or the "
-                            f"sync)")
-        key = [st.st_size, st.st_mtime_ns, shard.sha256]
-        new[shard.file] = key
-        if verified.get(shard.file) != key:
-            todo.append((shard, path))
-    if todo and log and sum(s.bytes for s, _ in todo) > 1 << 30:
-        log(f"packed data: verifying the checksums of {len(todo)} shards (once)")
-    for shard, path in todo:
-        if file_sha256(path) != shard.sha256:
-            raise DataError(f"packed shard {path}: SHA-256 differs from the manifest (corrupt; "
-                            f"re-run data.pack or the sync)")
-    if cache_path and new != verified:
-        try:
-            atomic_write_text(cache_path, json.dumps(new))
-        except OSError:
-            pass  # only a cache
-
-
-def open_source(data_dir: str, cache_dir: str | None = None, log=None):
-    """The source of `data_dir`: PackedSource (manifest read, shards verified) or FolderSource."""
-    if is_packed(data_dir):
-        manifest = read_manifest(data_dir)
-        verify_shards(manifest, cache_dir, log)
-        from data.packed import PackedSource
-        return PackedSource(manifest)
-    from data.datasets import FolderSource
+def open_source(data_dir: str | None, *, synthetic: bool = False, num_classes: int = 0,
+                cache_dir: str | None = None, log=None) -> Source:
+    """The source of `data_dir`: PackedSource (manifest read, shards verified; a bad shard is
+    manifest.DataError) or FolderSource; with `synthetic`, random images of `num_classes`."""
+    if synthetic:
+        return SyntheticSource(num_classes)
+    if manifest.is_packed(data_dir):
+        packed = manifest.read_manifest(data_dir)
+        manifest.verify_shards(packed, cache_dir, log)
+        return PackedSource(packed)
     return FolderSource(data_dir)

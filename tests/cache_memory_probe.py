@@ -14,8 +14,8 @@ def high_water_kb() -> int:
 
 def main(data_dir: str, image_size: int, cache: str) -> None:
     from data import layout
-    from data.augment import Augment
     from data.datasets import train_dataset
+    from data.spec import InputSpec
     from trainer.loop import distribute
     distribute.split_cpu(2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -25,9 +25,8 @@ def main(data_dir: str, image_size: int, cache: str) -> None:
     baseline = high_water_kb()
 
     def dataset_fn(context):
-        return train_dataset(train.files, train.labels, image_size=image_size,
-                             global_batch_size=32, seed=0, start_step=0, total_steps=40,
-                             augment=Augment(), cache=cache, context=context)
+        return train_dataset(train.files, train.labels, InputSpec(image_size, 32, cache=cache),
+                             context, total_steps=40)
     for _ in strategy.distribute_datasets_from_function(dataset_fn):
         pass
     print(baseline, high_water_kb())

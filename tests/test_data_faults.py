@@ -101,6 +101,7 @@ def test_images_over_the_pixel_limit_are_bad_files_never_decoded(huge_images, tm
 def test_the_decoders_of_caches_and_evaluation_refuse_an_image_over_the_limit(huge_images):
     import tensorflow as tf
     from data import datasets, decode
+    from data.spec import InputSpec
     train_class = sorted((huge_images / "train").iterdir())[0]
     large = str(train_class / "large.jpg")
     decode.set_max_pixels(1_000_000)
@@ -110,8 +111,7 @@ def test_the_decoders_of_caches_and_evaluation_refuse_an_image_over_the_limit(hu
             with pytest.raises(tf.errors.InvalidArgumentError, match="max_image_pixels"):
                 read(tf.constant(large))
         # An evaluation dataset (the path trainer.evaluate and the trainer's evaluations take)
-        dataset = datasets.eval_dataset([large], [0], image_size=32, global_batch_size=1,
-                                        cache="none")
+        dataset = datasets.eval_dataset([large], [0], InputSpec(32, 1, eval_cache="none"))
         with pytest.raises(tf.errors.InvalidArgumentError, match="max_image_pixels"):
             next(iter(dataset))
         small = str(sorted(p for p in train_class.iterdir() if p.suffix == ".jpg"
@@ -196,7 +196,7 @@ def test_a_changed_dataset_under_a_resume_is_refused_or_accepted(demo_dir, tmp_p
 
 @pytest.mark.quick
 def test_a_changed_packed_dataset_is_seen(tmp_path):
-    from data.source import Manifest, Shard
+    from data.manifest import Manifest, Shard
     from data.layout import SplitFiles
 
     def manifest(shard_bytes):

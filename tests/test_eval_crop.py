@@ -9,6 +9,7 @@ evaluations, calibration, export and TFLite) is the calibrated run of tests/test
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -126,23 +127,25 @@ def _images(dataset) -> np.ndarray:
 @pytest.mark.quick
 def test_folder_and_packed_eval_datasets_give_the_same_cropped_pixels(rect_dir, tmp_path):
     from data import check, datasets, pack, source
+    from data.spec import InputSpec
     split = check.scan(str(rect_dir)).splits["valid"]
     pack.pack(str(rect_dir), str(tmp_path / "packed"), shard_mb=0.01, log=lambda m: None)
     packed = source.open_source(str(tmp_path / "packed"))
     assert packed.kind == "packed"
     packed_split = packed.manifest.splits["valid"]
     assert [str(rect_dir / f) for f in packed_split.files] == list(split.files)
-    kwargs = dict(image_size=SIZE, global_batch_size=3, cache="none")
-    folder = _images(datasets.eval_dataset(split.files, split.labels, eval_crop=0.875, **kwargs))
-    from_packed = _images(packed.eval_dataset(packed_split, eval_crop=0.875, **kwargs))
+    squash = InputSpec(SIZE, 3, eval_cache="none")
+    crop = dataclasses.replace(squash, eval_crop=0.875)
+    folder = _images(datasets.eval_dataset(split.files, split.labels, crop))
+    from_packed = _images(packed.eval_dataset(packed_split, crop))
     assert folder.shape == (len(split), SIZE, SIZE, 3)
     np.testing.assert_array_equal(from_packed, folder)
     expected = np.stack([decode.read_for_eval(tf.constant(f), SIZE, 0.875).numpy()
                          for f in split.files])
     np.testing.assert_array_equal(folder, expected)
-    squashed = _images(datasets.eval_dataset(split.files, split.labels, **kwargs))
+    squashed = _images(datasets.eval_dataset(split.files, split.labels, squash))
     assert not np.array_equal(squashed, folder)
-    np.testing.assert_array_equal(_images(packed.eval_dataset(packed_split, **kwargs)), squashed)
+    np.testing.assert_array_equal(_images(packed.eval_dataset(packed_split, squash)), squashed)
 
 
 # --- the export and trainer.evaluate -------------------------------------------------------------
@@ -157,6 +160,7 @@ def _model(num_classes: int = 5):
 @pytest.mark.quick
 def test_the_serving_signature_decodes_with_the_runs_eval_crop(rect_dir, tmp_path):
     from data import datasets
+    from data.spec import InputSpec
     from trainer.tools import calibration, serving
     files = sorted(str(p) for p in (rect_dir / "valid").rglob("*.png"))
     model = _model()
@@ -170,8 +174,8 @@ def test_the_serving_signature_decodes_with_the_runs_eval_crop(rect_dir, tmp_pat
                       served["probabilities"].numpy(), 1)
 
     def expected(fraction):
-        pixels = _images(datasets.eval_dataset(files, [0] * len(files), image_size=SIZE,
-                                               global_batch_size=4, eval_crop=fraction))
+        pixels = _images(datasets.eval_dataset(files, [0] * len(files),
+                                               InputSpec(SIZE, 4, eval_crop=fraction)))
         return calibration.softmax(model(pixels.astype(np.float32), training=False).numpy())
     np.testing.assert_allclose(probabilities, expected(0.5), atol=1e-5)
     assert np.abs(probabilities - expected(1.0)).max() > 1e-4  # the crop matters
@@ -207,6 +211,7 @@ def _evaluate(model_dir, *args) -> subprocess.CompletedProcess:
 def test_evaluate_uses_the_runs_eval_crop_and_an_override_gets_its_own_files(cropped_run,
                                                                            rect_dir, tmp_path):
     from data import datasets
+    from data.spec import InputSpec
     from trainer.tools import calibration
     model_dir, model = cropped_run
     run_own = _evaluate(model_dir, f"--output_dir={tmp_path}")
@@ -225,8 +230,7 @@ def test_evaluate_uses_the_runs_eval_crop_and_an_override_gets_its_own_files(cro
         with open(tmp_path / f"{name}-predictions.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         pixels = _images(datasets.eval_dataset([r["file"] for r in rows], [0] * len(rows),
-                                               image_size=SIZE, global_batch_size=4,
-                                               eval_crop=fraction))
+                                               InputSpec(SIZE, 4, eval_crop=fraction)))
         expected = calibration.softmax(model(pixels.astype(np.float32), training=False).numpy())
         np.testing.assert_allclose([float(r["probability"]) for r in rows], expected.max(1),
                                    atol=1e-5)

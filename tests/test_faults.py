@@ -413,7 +413,7 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line_before_anything_is_wr
 
 # ---- 2. data.pack and data.demo never delete what they did not write -----------------------
 def test_demo_and_pack_never_delete_files_they_did_not_write(small_demo_dir, tmp_path, capsys):
-    from data import demo, pack, source
+    from data import demo, manifest, pack
     saved = os.umask(0o022)
     try:
         dest = tmp_path / "demo"
@@ -439,7 +439,7 @@ def test_demo_and_pack_never_delete_files_they_did_not_write(small_demo_dir, tmp
         foreign = tmp_path / "foreign"
         foreign.mkdir()
         (foreign / "theirs.tfrecord").write_bytes(b"x")
-        with pytest.raises(source.DataError, match="a non-empty folder that data.pack did not "
+        with pytest.raises(manifest.DataError, match="a non-empty folder that data.pack did not "
                                                    "write"):
             pack.pack(str(small_demo_dir), str(foreign), shard_mb=0.04, log=lambda m: None)
         assert os.listdir(foreign) == ["theirs.tfrecord"]

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from data import augment, datasets, layout
+from data.spec import InputSpec
 from models import registry, transfer
 from tests.conftest import run_trainer
 from trainer.loop.step import Metrics, StepFunctions, cross_entropy
@@ -279,11 +280,12 @@ def test_mixed_training_batches_are_soft_and_resume_at_the_same_batch(demo_dir):
     files, labels = split.files[:40], split.labels[:40]
 
     def batches(start_step):
-        return list(datasets.train_dataset(
-            files, labels, image_size=16, global_batch_size=8, seed=3, start_step=start_step,
-            total_steps=4, cache=False,
-            augment=augment.Augment(crop_min_area=0.5, flip=True, randaugment=(2, 9)),
-            mix=augment.Mix(len(names), mixup_alpha=0.5, cutmix_alpha=0.5)))
+        spec = InputSpec(16, 8, seed=3, cache="none",
+                         augment=augment.Augment(crop_min_area=0.5, flip=True,
+                                                 randaugment=(2, 9)),
+                         mix=augment.Mix(len(names), mixup_alpha=0.5, cutmix_alpha=0.5))
+        return list(datasets.train_dataset(files, labels, spec, start_step=start_step,
+                                           total_steps=4))
     whole, resumed = batches(0), batches(2)
     images, soft, weights = whole[2]
     assert images.dtype == tf.float32 and soft.shape == (8, len(names))

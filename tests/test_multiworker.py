@@ -3,6 +3,7 @@ to one worker stops all at the same step and resumes bit-identically; a lost or 
 ends the survivor with one line and exit code 69 within --collective_timeout."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -171,7 +172,8 @@ def test_the_kubernetes_manifest_builds_a_consistent_cluster():
 
 
 # ---- elastic: the global stream does not depend on who reads it ------------------------------
-def _global_batches(files, labels, pipelines: int, replicas_per_pipeline: int, **kwargs):
+def _global_batches(files, labels, pipelines: int, replicas_per_pipeline: int, spec,
+                    start_step: int, total_steps: int):
     """The global batches (image ids, images) the replicas of a run would train on, assembled
     in replica order from each input pipeline's per-replica batches."""
     from data import datasets
@@ -179,8 +181,9 @@ def _global_batches(files, labels, pipelines: int, replicas_per_pipeline: int, *
     for pipeline_id in range(pipelines):
         context = tf.distribute.InputContext(pipelines, pipeline_id,
                                              pipelines * replicas_per_pipeline)
-        streams.append(list(datasets.train_dataset(files, labels, context=context,
-                                                   with_ids=True, **kwargs)))
+        streams.append(list(datasets.train_dataset(
+            files, labels, dataclasses.replace(spec, with_ids=True), context,
+            start_step=start_step, total_steps=total_steps)))
     steps = len(streams[0]) // replicas_per_pipeline
     batches = []
     for step in range(steps):
@@ -193,14 +196,15 @@ def _global_batches(files, labels, pipelines: int, replicas_per_pipeline: int, *
 
 def test_the_global_batches_are_the_same_for_any_number_of_workers_and_replicas(demo_dir):
     from data import layout
+    from data.spec import InputSpec
     split = layout.scan_split(str(demo_dir), "train", layout.train_class_names(str(demo_dir)))
     # 1258 images, global batch 32: 39 steps per epoch; steps 37-42 cross into epoch 2.
-    kwargs = dict(image_size=32, global_batch_size=32, seed=3, start_step=37, total_steps=42)
-    one = _global_batches(split.files, split.labels, 1, 1, **kwargs)
+    spec, steps = InputSpec(image_size=32, global_batch_size=32, seed=3), (37, 42)
+    one = _global_batches(split.files, split.labels, 1, 1, spec, *steps)
     assert len(one) == 5 and all(len(ids) == 32 for ids, _ in one)
     for pipelines, replicas, cache in ((1, 2, "memory"), (2, 1, "memory"), (2, 2, "none")):
-        other = _global_batches(split.files, split.labels, pipelines, replicas, cache=cache,
-                                **kwargs)
+        other = _global_batches(split.files, split.labels, pipelines, replicas,
+                                dataclasses.replace(spec, cache=cache), *steps)
         assert len(other) == len(one)
         for (ids, images), (other_ids, other_images) in zip(one, other):
             np.testing.assert_array_equal(other_ids, ids)

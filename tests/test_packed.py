@@ -3,6 +3,7 @@ items as the folder, the same batches where the order is defined to match, exact
 SIGKILL, one-line errors for bad shards, and a disk cache that is reused or rebuilt."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -11,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from data import check, datasets, pack, source
+from data import check, datasets, manifest, pack, source
 from data.augment import Augment
+from data.spec import InputSpec
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
 from tests.test_resume import _kill_after_step, _latest_step, _model_variables
 from trainer.loop.actions import StepLossLog
@@ -43,10 +45,8 @@ def test_packed_data_holds_the_folder_images_and_trains_on_the_same_batches(demo
         assert set(zip(packed.manifest.splits[name].files,
                        packed.manifest.splits[name].labels)) == items
         # The same pixels for every image, as sets (evaluation: every image once).
-        folder_images = datasets.eval_dataset(split.files, split.labels, image_size=32,
-                                              global_batch_size=64)
-        packed_images = packed.eval_dataset(packed.manifest.splits[name], image_size=32,
-                                            global_batch_size=64)
+        folder_images = datasets.eval_dataset(split.files, split.labels, InputSpec(32, 64))
+        packed_images = packed.eval_dataset(packed.manifest.splits[name], InputSpec(32, 64))
 
         def rows(dataset):
             out = set()
@@ -58,11 +58,12 @@ def test_packed_data_holds_the_folder_images_and_trains_on_the_same_batches(demo
         assert rows(packed_images) == rows(folder_images)
         assert len(rows(folder_images)) > 0.9 * len(split)  # digits repeat rarely
     # cache=memory: the order is defined over item positions, as for the folder: same batches.
-    kwargs = dict(image_size=32, global_batch_size=32, seed=5, start_step=0, total_steps=45,
-                  augment=Augment(crop_min_area=0.6, flip=True), cache="memory")
+    spec = InputSpec(32, 32, seed=5, augment=Augment(crop_min_area=0.6, flip=True),
+                     cache="memory")
     from_folder = _batches(datasets.train_dataset(folder["train"].files, folder["train"].labels,
-                                                  **kwargs))
-    from_packed = _batches(packed.train_dataset(packed.manifest.splits["train"], **kwargs))
+                                                  spec, total_steps=45))
+    from_packed = _batches(packed.train_dataset(packed.manifest.splits["train"], spec,
+                                                total_steps=45))
     assert len(from_folder) == len(from_packed) == 45
     for (a, y), (b, z) in zip(from_folder, from_packed):
         np.testing.assert_array_equal(a, b)
@@ -72,15 +73,16 @@ def test_packed_data_holds_the_folder_images_and_trains_on_the_same_batches(demo
 def test_grouped_order_visits_each_item_once_per_epoch_and_resumes_mid_epoch(packed_dir):
     packed = source.open_source(str(packed_dir))
     train = packed.manifest.splits["train"]
-    kwargs = dict(image_size=8, global_batch_size=20, seed=1, total_steps=2 * 62,
-                  augment=Augment(crop_min_area=1.0, flip=False), cache="none")
+    spec = InputSpec(8, 20, seed=1, augment=Augment(crop_min_area=1.0, flip=False),
+                     cache="none")
     epoch_steps = len(train) // 20  # 62
-    whole = _batches(packed.train_dataset(train, start_step=0, **kwargs))
+    whole = _batches(packed.train_dataset(train, spec, start_step=0, total_steps=2 * 62))
     # One epoch: 1240 distinct images of the 1258 (the last partial batch dropped).
     first_epoch = np.concatenate([images for images, _ in whole[:epoch_steps]])
     assert len({image.tobytes() for image in first_epoch}) == epoch_steps * 20
     assert not np.array_equal(whole[0][0], whole[epoch_steps][0])  # a new order per epoch
-    resumed = _batches(packed.train_dataset(train, start_step=epoch_steps + 17, **kwargs))
+    resumed = _batches(packed.train_dataset(train, spec, start_step=epoch_steps + 17,
+                                            total_steps=2 * 62))
     assert len(resumed) == epoch_steps - 17
     for (a, y), (b, z) in zip(whole[epoch_steps + 17:], resumed):
         np.testing.assert_array_equal(a, b)
@@ -90,13 +92,13 @@ def test_grouped_order_visits_each_item_once_per_epoch_and_resumes_mid_epoch(pac
 def test_pack_again_skips_finished_shards(demo_dir, packed_dir, tmp_path):
     dest = tmp_path / "again"
     shutil.copytree(packed_dir, dest)
-    (dest / source.MANIFEST).unlink()
-    lost = source.read_manifest(str(packed_dir)).shards["valid"][1].file
+    (dest / manifest.MANIFEST).unlink()
+    lost = manifest.read_manifest(str(packed_dir)).shards["valid"][1].file
     os.remove(dest / lost)  # as if killed while packing valid
     lines = []
     pack.pack(str(demo_dir), str(dest), shard_mb=0.04, log=lines.append)
     assert [line.split()[2] for line in lines if line.startswith("pack: wrote")] == [lost]
-    assert source.read_manifest(str(dest)).splits == source.read_manifest(
+    assert manifest.read_manifest(str(dest)).splits == manifest.read_manifest(
         str(packed_dir)).splits
 
 
@@ -133,7 +135,7 @@ def test_sigkill_mid_epoch_on_packed_data_resumes_bit_identical(packed_dir, tmp_
 def test_a_truncated_or_corrupt_shard_is_one_line_naming_it(packed_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(packed_dir, bad)
-    shard = bad / source.read_manifest(str(bad)).shards["train"][3].file
+    shard = bad / manifest.read_manifest(str(bad)).shards["train"][3].file
     data = shard.read_bytes()
     shard.write_bytes(data[:len(data) // 2])
     flags = (f"--data_dir={bad}", f"--model_dir={tmp_path / 'run'}", *FAST_DEMO_FLAGS,
@@ -150,7 +152,7 @@ def test_a_truncated_or_corrupt_shard_is_one_line_naming_it(packed_dir, tmp_path
         f"data.check: packed shard {shard}: ") and len(checked.stderr.strip().splitlines()) == 1
     # Same size, one byte changed: the checksum finds it.
     shard.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
-    with pytest.raises(source.DataError, match=f"packed shard {shard}: SHA-256 differs"):
+    with pytest.raises(manifest.DataError, match=f"packed shard {shard}: SHA-256 differs"):
         source.open_source(str(bad))
 
 
@@ -161,11 +163,12 @@ def test_disk_cache_is_reused_then_rebuilt_when_a_source_file_changes(demo_dir, 
     for src, dst in zip(split.files, files):
         shutil.copyfile(src, dst)
 
+    spec = InputSpec(16, 32, augment=Augment(crop_min_area=1.0, flip=False), cache="disk",
+                     cache_dir=str(tmp_path / "cache"))
+
     def epoch(log):
-        return _batches(datasets.train_dataset(
-            files, split.labels[:256], image_size=16, global_batch_size=32, seed=0, start_step=0,
-            total_steps=8, augment=Augment(crop_min_area=1.0, flip=False), cache="disk",
-            cache_dir=str(tmp_path / "cache"), log=log))
+        return _batches(datasets.train_dataset(files, split.labels[:256], spec, total_steps=8,
+                                               log=log))
     lines = []
     first = epoch(lines.append)
     assert lines[0].startswith("disk cache: building")
@@ -176,8 +179,7 @@ def test_disk_cache_is_reused_then_rebuilt_when_a_source_file_changes(demo_dir, 
         np.testing.assert_array_equal(a, b)
     # The streamed images are the ones decoded from the files.
     streamed = _batches(datasets.train_dataset(
-        files, split.labels[:256], image_size=16, global_batch_size=32, seed=0, start_step=0,
-        total_steps=8, augment=Augment(crop_min_area=1.0, flip=False), cache="none"))
+        files, split.labels[:256], dataclasses.replace(spec, cache="none"), total_steps=8))
     assert sorted(i.tobytes() for b, _ in streamed for i in b) == sorted(
         i.tobytes() for b, _ in first for i in b)
     # A source file replaced by another image: the cache is rebuilt, never reused stale.

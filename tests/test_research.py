@@ -726,10 +726,12 @@ def test_evaluate_with_flip_tta_averages_the_softmax_of_image_and_mirror(calibra
 
 
 # ---- balanced sampling ------------------------------------------------------------------------
-def _epoch_ids(files, labels, **kwargs):
+def _epoch_ids(files, labels, start_step: int, total_steps: int, balanced: bool = False):
     from data import datasets
-    batches = datasets.train_dataset(files, labels, image_size=16, global_batch_size=32, seed=4,
-                                     cache="none", with_ids=True, **kwargs)
+    from data.spec import InputSpec
+    spec = InputSpec(16, 32, seed=4, cache="none", with_ids=True, balanced=balanced)
+    batches = datasets.train_dataset(files, labels, spec, start_step=start_step,
+                                     total_steps=total_steps)
     return [int(i) for _, _, _, ids in batches for i in ids.numpy()]
 
 

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from data import datasets, decode, layout
 from data.augment import Augment
+from data.spec import InputSpec
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
 from trainer.loop.precision import detect_hardware, resolve_precision
 from trainer.loop.step import Metrics, StepFunctions
@@ -39,10 +40,9 @@ def _train_few_steps(strategy, split, num_steps: int, global_batch: int):
     initial = [w.copy() for w in model.get_weights()]
 
     def dataset_fn(context):
-        return datasets.train_dataset(split.files, split.labels, image_size=32,
-                                      global_batch_size=global_batch, seed=0, start_step=0,
-                                      total_steps=num_steps, context=context,
-                                      augment=Augment(crop_min_area=1.0, flip=False))
+        return datasets.train_dataset(split.files, split.labels, InputSpec(
+            32, global_batch, augment=Augment(crop_min_area=1.0, flip=False)), context,
+            total_steps=num_steps)
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     losses, *_ = steps.train_loop(iterator, tf.constant(num_steps))
     losses = losses.numpy()
@@ -68,9 +68,8 @@ def test_one_and_two_replicas_agree_and_report_the_true_loss(demo_dir, two_repli
     assert metrics2["images"] == 4 * 32
 
     # Step 1's reported loss equals the cross-entropy of the initial model on the first batch.
-    first = datasets.train_dataset(split.files, split.labels, image_size=32, global_batch_size=32,
-                                   seed=0, start_step=0, total_steps=1,
-                                   augment=Augment(crop_min_area=1.0, flip=False))
+    first = datasets.train_dataset(split.files, split.labels, InputSpec(
+        32, 32, augment=Augment(crop_min_area=1.0, flip=False)), total_steps=1)
     images, labels, _ = next(iter(first))
     model = _bn_free_model(10, seed=3)
     model.set_weights(init1)
@@ -91,8 +90,7 @@ def test_37_images_over_two_replicas_are_evaluated_exactly_once(demo_dir, two_re
     steps = StepFunctions(strategy, model, optimizer, global_batch_size=8,
                           train_metrics=Metrics.create("t"), eval_metrics=eval_metrics)
     dataset = strategy.distribute_datasets_from_function(
-        lambda ctx: datasets.eval_dataset(files, labels, image_size=32, global_batch_size=8,
-                                          context=ctx))
+        lambda ctx: datasets.eval_dataset(files, labels, InputSpec(32, 8), ctx))
     steps.eval_loop(dataset)
     results = eval_metrics.results()
     assert results["images"] == 37

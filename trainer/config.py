@@ -91,7 +91,7 @@ class Config:
     # a fraction F < 1 of the run (see parse_early_stopping_start)
     early_stopping_start: str = 'warmup'
     class_weight: str = 'none'  # none | balanced (loss weights from the train class counts)
-    balanced_sampling: bool = False  # each epoch draws classes evenly (data/datasets.py)
+    balanced_sampling: bool = False  # each epoch draws classes evenly (data/orders.py)
     unknown_below: float = 0.0  # the export names a top-1 probability below this `unknown`
     # TensorBoard extras
     eval_figures: bool = True

@@ -22,7 +22,7 @@ import sys
 from trainer.tools import tool_flags  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL first)
 from absl import flags  # noqa: E402
 
-from data import check, layout, source  # noqa: E402
+from data import check, layout, manifest  # noqa: E402
 from trainer.state.run_dir import RunError, SavedRun, read_json  # noqa: E402
 
 PROGRAM = "evaluate"
@@ -96,14 +96,14 @@ def evaluate_run(model_dir: str, *, split: str = "test", data_dir: str | None = 
     model = restore_model(run, checkpoint)
     batch_size = batch_size or run.eval_batch_size
     eval_crop = run.eval_crop if eval_crop is None else float(eval_crop)
-    from data import decode
+    from data import decode, source
+    from data.spec import InputSpec
     decode.set_max_pixels(_max_image_pixels(run))  # the run's limit, before anything decodes
     data = source.open_source(data_dir, cache_dir=run.model_dir)
+    spec = InputSpec(run.image_size, batch_size, eval_cache="none", eval_crop=eval_crop)
     predictions = analysis.predict_split(
         model, files.files, files.labels, image_size=run.image_size, batch_size=batch_size,
-        gallery_size=gallery_size, tta=tta, dataset=data.eval_dataset(
-            files, image_size=run.image_size, global_batch_size=batch_size, cache="none",
-            eval_crop=eval_crop))
+        gallery_size=gallery_size, tta=tta, dataset=data.eval_dataset(files, spec))
     report = analysis.make_report(predictions, run.class_names, split=split, step=step,
                                   checkpoint=checkpoint, data_dir=data_dir, tta=tta,
                                   eval_crop=eval_crop, run_eval_crop=run.eval_crop)
@@ -140,14 +140,14 @@ def _max_image_pixels(run: SavedRun) -> int:
 
 def _split_files(data_dir: str, run: SavedRun, split: str) -> layout.SplitFiles:
     """The readable files of --split: from the data check, or a packed folder's manifest."""
-    if source.is_packed(data_dir):
-        manifest = source.read_manifest(data_dir)
-        if manifest.class_names != run.class_names:
+    if manifest.is_packed(data_dir):
+        packed = manifest.read_manifest(data_dir)
+        if packed.class_names != run.class_names:
             raise RunError(f"--data_dir={data_dir}: its classes differ from the run's")
-        if split not in manifest.splits:
+        if split not in packed.splits:
             raise RunError(f"--split={split}: the packed data {data_dir} has no such split")
-        source.verify_shards(manifest, run.model_dir)
-        return manifest.splits[split]
+        manifest.verify_shards(packed, run.model_dir)
+        return packed.splits[split]
     # The trainer's data check: unreadable files are left out (and listed), not fatal.
     scanned = check.scan(data_dir, run.class_names,
                          skip_unknown_classes=bool(run.config.get("skip_unknown_classes")),
@@ -162,7 +162,7 @@ def _split_files(data_dir: str, run: SavedRun, split: str) -> layout.SplitFiles:
 
 def entry() -> None:
     define_flags()
-    tool_flags.run(PROGRAM, main, errors=(RunError, layout.LayoutError, source.DataError))
+    tool_flags.run(PROGRAM, main, errors=(RunError, layout.LayoutError, manifest.DataError))
 
 
 if __name__ == "__main__":

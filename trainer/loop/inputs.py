@@ -6,9 +6,10 @@ import dataclasses
 import os
 
 
-from data import check, datasets, decode, diskcache, fingerprint, layout, memory, service, source
+from data import check, decode, diskcache, fingerprint, layout, manifest, memory, service, source
 from data.augment import Augment, Mix
 from data.files import atomic_write_text
+from data.spec import InputSpec
 from trainer.config import Config, RunPlan, parse_randaugment
 from trainer.errors import TrainingError
 from trainer.loop import distribute, resume
@@ -23,25 +24,32 @@ class Inputs:
     class_names: list[str]
     train: layout.SplitFiles
     eval_splits: dict[str, layout.SplitFiles]
-    synthetic: bool = False
-    source: object = None  # data.source.open_source(): builds the train and eval datasets
+    source: source.Source | None = None  # data.source.open_source(): the train and eval datasets
     fingerprint: dict | None = None  # data/fingerprint.py's record of the splits (None: synthetic)
+
+    @property
+    def synthetic(self) -> bool:
+        return getattr(self.source, "kind", "") == "synthetic"
 
     @property
     def num_train_images(self) -> int:
         return SYNTHETIC_EPOCH_IMAGES if self.synthetic else len(self.train)
 
 
-def synthetic_inputs(config: Config) -> Inputs:
+def _synthetic_inputs(config: Config) -> Inputs:
     names = [f"synthetic_{i:04d}" for i in range(config.synthetic_classes)]
-    return Inputs(names, layout.SplitFiles("train", (), ()), {}, synthetic=True)
+    return Inputs(names, layout.SplitFiles("train", (), ()), {},
+                  source=source.open_source(None, synthetic=True, num_classes=len(names)))
 
 
 def read_inputs(config: Config, log) -> Inputs:
     """The class list (the run's classes.json when present: the train folders must match it)
-    and the files of each split that pass the data check."""
+    and the files of each split that pass the data check; with --synthetic_data, numbered
+    classes, no files and random images."""
+    if config.synthetic_data:
+        return _synthetic_inputs(config)
     decode.set_max_pixels(config.max_image_pixels)  # the caches' and evaluations' decoders
-    if source.is_packed(config.data_dir):
+    if manifest.is_packed(config.data_dir):
         return read_packed_inputs(config, log)
     found = layout.train_class_names(config.data_dir)
     saved_path = os.path.join(config.model_dir, run_dir.CLASSES_FILE)
@@ -65,7 +73,7 @@ def read_inputs(config: Config, log) -> Inputs:
         raise TrainingError(scanned.report.error_line(report_path))
     eval_splits = {split: files for split, files in scanned.splits.items() if split != "train"}
     return Inputs(class_names, scanned.splits["train"], eval_splits,
-                  source=datasets.FolderSource(config.data_dir),
+                  source=source.open_source(config.data_dir),
                   fingerprint=fingerprint.make_folder(config.data_dir, scanned.splits,
                                                       scanned.file_info))
 
@@ -109,7 +117,7 @@ def read_packed_inputs(config: Config, log) -> Inputs:
     passed the data check when packed; its report is copied into model_dir."""
     try:
         packed = source.open_source(config.data_dir, cache_dir=config.model_dir, log=log)
-    except source.DataError as e:
+    except manifest.DataError as e:
         raise TrainingError(str(e)) from None
     class_names = packed.manifest.class_names
     saved_path = os.path.join(config.model_dir, run_dir.CLASSES_FILE)
@@ -167,7 +175,7 @@ def choose_cache(config: Config, data: Inputs, num_pipelines: int,
     if config.data_service:
         modes, why_not = ("none", "disk"), "the tf.data service workers decode the images"
     elif config.balanced_sampling:
-        modes = ("memory",) if data.source.kind == "packed" else ("memory", "none")
+        modes = data.source.balanced_cache_modes
         why_not = "balanced sampling reads images one by one, the disk cache reads blocks"
     cache_dir = config.data_cache_dir
     reusable = diskcache.existing_bytes(cache_dir, data.source.disk_cache_name(
@@ -197,28 +205,32 @@ def train_augment(config: Config) -> Augment:
     return Augment(config.crop_min_area, config.random_flip, parse_randaugment(config.randaugment))
 
 
+def input_spec(config: Config, plan: RunPlan, num_classes: int) -> InputSpec:
+    """The run's datasets besides their items (data/spec.py): the flags and the plan's batches
+    and cache choice, as plain values for data/."""
+    return InputSpec(
+        image_size=config.image_size, global_batch_size=plan.global_batch_size, seed=config.seed,
+        augment=train_augment(config),
+        mix=Mix(num_classes, config.mixup_alpha, config.cutmix_alpha),
+        balanced=config.balanced_sampling, with_ids=config.debug_record_batches,
+        cache=plan.cache_images, cache_dir=config.data_cache_dir,
+        eval_global_batch_size=plan.eval_global_batch_size, eval_cache=plan.eval_cache,
+        eval_crop=config.eval_crop)
+
+
 def train_iterator(config: Config, plan: RunPlan, inputs: Inputs, strategy, position: int,
                    end_position: int, log=print):
     """An iterator over the distributed training batches of data positions [position,
     end_position): the very batches an uninterrupted run would see there."""
+    spec = input_spec(config, plan, len(inputs.class_names))
+    # --data_service: the same dataset, run by tf.data service workers (data/service.py);
+    # random images are made where they are used, with nothing to decode.
+    served = config.data_service and not inputs.synthetic
+
     def dataset_fn(context):
-        if inputs.synthetic:
-            return datasets.synthetic_dataset(
-                image_size=config.image_size, num_classes=len(inputs.class_names),
-                global_batch_size=plan.global_batch_size, seed=config.seed,
-                num_steps=end_position - position, context=context)
-        extra = {"with_ids": True} if config.debug_record_batches else {}
-        if config.balanced_sampling:
-            extra["balanced"] = True
-        dataset = inputs.source.train_dataset(
-            inputs.train, image_size=config.image_size,
-            global_batch_size=plan.global_batch_size, seed=config.seed, start_step=position,
-            total_steps=end_position, cache=plan.cache_images, context=context,
-            cache_dir=config.data_cache_dir, log=log, augment=train_augment(config),
-            mix=Mix(len(inputs.class_names), config.mixup_alpha, config.cutmix_alpha), **extra)
-        # --data_service: the same dataset, run by tf.data service workers (data/service.py).
-        return service.distribute(dataset, config.data_service) if config.data_service \
-            else dataset
+        dataset = inputs.source.train_dataset(inputs.train, spec, context, start_step=position,
+                                              total_steps=end_position, log=log)
+        return service.distribute(dataset, config.data_service) if served else dataset
 
     return iter(strategy.distribute_datasets_from_function(
         dataset_fn, distribute.input_options(strategy)))
@@ -226,23 +238,17 @@ def train_iterator(config: Config, plan: RunPlan, inputs: Inputs, strategy, posi
 
 def eval_dataset(config: Config, plan: RunPlan, inputs: Inputs, strategy, split: str):
     """The distributed dataset of `split`: every image exactly once (weight-0 padding)."""
-    files = inputs.eval_splits[split]
-
-    def dataset_fn(context):
-        return inputs.source.eval_dataset(files, image_size=config.image_size,
-                                          global_batch_size=plan.eval_global_batch_size,
-                                          cache=plan.eval_cache, context=context,
-                                          eval_crop=config.eval_crop)
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    spec, files = input_spec(config, plan, len(inputs.class_names)), inputs.eval_splits[split]
+    return strategy.distribute_datasets_from_function(
+        lambda context: inputs.source.eval_dataset(files, spec, context))
 
 
 def sample_images(config: Config, inputs: Inputs, augment: Augment):
     """The first nine training images of epoch 0 with `augment`: (uint8 images, class names)."""
-    sample = inputs.source.train_dataset(
-        inputs.train, image_size=config.image_size,
-        global_batch_size=min(9, len(inputs.train)), seed=config.seed, start_step=0,
-        total_steps=1, cache="none", augment=augment)
-    images, labels, _ = next(iter(sample))
+    spec = InputSpec(config.image_size, min(9, len(inputs.train)), config.seed, augment,
+                     cache="none")
+    images, labels, _ = next(iter(inputs.source.train_dataset(inputs.train, spec,
+                                                              total_steps=1)))
     return images.numpy(), [inputs.class_names[i] for i in labels.numpy()]
 
 

@@ -98,8 +98,7 @@ def _run(config: Config, strategy, chief: bool, run_start: float) -> dict:
     source_config = config  # config.json keeps the s3:// source, not the synced copy
     if config.data_dir and config.data_dir.startswith("s3://"):
         config = dataclasses.replace(config, data_dir=inputs.sync_from_s3(config, log))
-    data = inputs.synthetic_inputs(config) if config.synthetic_data else \
-        inputs.read_inputs(config, log)
+    data = inputs.read_inputs(config, log)  # a folder, packed data or synthetic images
     if chief:  # the splits' files against those the run began with (data_fingerprint.json)
         inputs.check_data_fingerprint(config, data, checkpoint is not None, log)
     # --- 4. plan -------------------------------------------------------------------------------

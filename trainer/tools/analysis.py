@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from data import datasets
 from data.files import atomic_write_text
+from data.spec import InputSpec
 from trainer.report import figures
 
 TOP_K = 5
@@ -76,9 +77,8 @@ def predict_split(model, files, labels, *, image_size: int, batch_size: int,
     `inference_function(model, tta)` to reuse (default: a new one)."""
     files, labels = list(files), np.asarray(labels, np.int64)
     if dataset is None:
-        dataset = datasets.eval_dataset(files, labels.tolist(), image_size=image_size,
-                                        global_batch_size=batch_size, cache="none",
-                                        eval_crop=eval_crop)
+        dataset = datasets.eval_dataset(files, labels.tolist(), InputSpec(
+            image_size, batch_size, eval_cache="none", eval_crop=eval_crop))
     infer = infer or inference_function(model, tta)
     logits, gallery_index, gallery_images = [], [], []
     seen = 0
