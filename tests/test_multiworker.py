@@ -144,6 +144,29 @@ def test_a_lost_peer_ends_the_survivor_in_one_line(demo_dir, tmp_path, sig):
     assert elapsed < TIMEOUT + 10, elapsed
 
 
+@pytest.mark.quick
+def test_a_lost_peer_is_named_when_the_error_names_no_task():
+    """A frozen peer may surface as a collective's DeadlineExceeded naming no task (seen under
+    load): with one other task the line still names it; with several it lists them."""
+    from trainer.config import Config
+    from trainer.loop.train import _peer_lost
+
+    def line(workers: int, message: str) -> str:
+        spec = tf.train.ClusterSpec({"worker": [f"127.0.0.1:{7000 + i}" for i in range(workers)]})
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            spec, task_type="worker", task_id=0)
+        strategy = dataclasses.make_dataclass("Cluster", ["cluster_resolver"])(resolver)
+        error = tf.errors.DeadlineExceededError(None, None, message)
+        return str(_peer_lost(error, strategy, 10, Config(data_dir="d", model_dir="m")))
+
+    assert line(2, "Graph execution error:").startswith(
+        "lost contact with worker:1 (127.0.0.1:7001) after step 10 (DeadlineExceededError")
+    assert line(3, "Graph execution error:").startswith(
+        "lost contact with a peer (one of worker:1, worker:2) after step 10")
+    assert line(3, "task /job:worker/replica:0/task:2 is gone").startswith(
+        "lost contact with worker:2 (127.0.0.1:7002) after step 10")
+
+
 def test_the_kubernetes_manifest_builds_a_consistent_cluster():
     import yaml
     service, job = yaml.safe_load_all((REPO / "configs" / "kubernetes-indexed-job.yaml").read_text())

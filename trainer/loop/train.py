@@ -270,10 +270,16 @@ def _peer_lost(error: tf.errors.OpError, strategy, step: int, config: Config) ->
     me = (resolver.task_type, str(resolver.task_id))
     tasks = [t for t in re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", str(error))
              if t != me]
-    peer = f"{tasks[0][0]}:{tasks[0][1]}" if tasks else "a peer"
+    # A collective that timed out (a frozen peer) may name no task; with one other task in the
+    # cluster it can only be that one.
+    others = [(job, str(i)) for job, addresses in resolver.cluster_spec().as_dict().items()
+              for i in range(len(addresses)) if (job, str(i)) != me]
+    named = tasks[0] if tasks else others[0] if len(others) == 1 else None
+    peer = f"{named[0]}:{named[1]} ({distribute.task_address(strategy, ':'.join(named))})" \
+        if named else f"a peer (one of {', '.join(':'.join(t) for t in others)})"
     text = re.sub(r"\{\{.*?\}\}\s*", "", str(error)).strip()
     cause = text.splitlines()[0][:160] if text else "no detail"
-    return PeerLost(f"lost contact with {peer} ({distribute.task_address(strategy, peer)}) after "
+    return PeerLost(f"lost contact with {peer} after "
                     f"step {step} ({type(error).__name__}: {cause}); checkpoints are kept: "
                     f"restart every worker to resume (exit code {EXIT_PEER_LOST}; "
                     f"--collective_timeout={config.collective_timeout:g} s bounds the wait)")
