@@ -507,3 +507,26 @@ def test_a_worker_that_is_not_the_chief_returns_results_and_writes_no_outputs(
     for folder in (model_dir, scratch):
         for name in (run_dir.RESULTS_FILE, run_dir.MODEL_FILE, run_dir.EXPORT_DIR):
             assert not (folder / name).exists(), folder / name
+
+
+@pytest.mark.quick
+def test_model_keras_is_fsynced_before_its_rename_and_the_folder_after(
+        tmp_path, image_dir, one_device, monkeypatch):
+    state = _state(tmp_path / "run", image_dir, one_device, splits=("valid",))
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = finish._save_model_file(state)
+    model_dir = str(tmp_path / "run")
+    rename = next(e for e in events if e[0] == "rename" and e[2] == path)
+    at = events.index(rename)
+    assert ("fsync", rename[1]) in events[:at], events  # the whole file before its name
+    assert ("fsync", model_dir) in events[at + 1:], events  # then the name itself

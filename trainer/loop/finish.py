@@ -31,6 +31,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from data import files
 from trainer.loop.controller import Controller
 from trainer.report import figures
 from trainer.state import checkpoints, run_dir
@@ -166,12 +167,16 @@ def _restore_best_weights(s, step: int) -> tuple[int, str | None]:
 
 
 def _save_model_file(s) -> str:
-    """model.keras with the weights that are evaluated (the averages with --ema_decay)."""
+    """model.keras with the weights that are evaluated (the averages with --ema_decay), fsynced
+    before its rename and the folder after (a power cut leaves the old file or the whole new
+    one, never an empty one; data/files.py)."""
     path = os.path.join(s.config.model_dir, run_dir.MODEL_FILE)
     tmp_path = os.path.join(s.config.model_dir, ".model.tmp.keras")
     with s.averaged():
         s.model.save(tmp_path)
+    files.fsync_path(tmp_path)
     os.replace(tmp_path, path)
+    files.fsync_path(s.config.model_dir)
     return path
 
 
