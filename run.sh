@@ -39,7 +39,10 @@ case "$cmd" in
     if printf '%s\n' "$@" | grep -q -- 'configs/demo.cfg'; then ensure_demo_data; fi
     exec "$PY" -m trainer.main "$@" ;;
   test)
-    exec "$PY" -m pytest "$@" ;;
+    # pytest-xdist: one worker per core (at most 4: each holds a TensorFlow runtime), a test
+    # module's tests on one worker so its module-scoped runs are made once. TEST_WORKERS=0: serial.
+    workers=${TEST_WORKERS:-$(n=$(nproc); echo $(( n < 4 ? n : 4 )))}
+    exec "$PY" -m pytest -n "$workers" --dist loadscope "$@" ;;
   tensorboard)
     exec "$PY" -m trainer.tensorboard "$@" ;;
   sweep)
