@@ -41,14 +41,13 @@ def uninterrupted(small_demo_dir, tmp_path_factory):
 def _signal_in_export(model_dir, data_dir, sig) -> int:
     """Start the run, send `sig` as soon as the export's staging folder (`.tmp-*`, one this
     start made) appears after the "final test:" line; the exit code. The kernel reports the
-    folder (tests/file_events.py), no polling; the trainer runs at nice 5 so that the signal
-    lands inside the export even on a busy machine."""
+    folder (tests/file_events.py), no polling."""
     export = model_dir / "export"
     before = set(os.listdir(export)) if export.exists() else set()
     process = subprocess.Popen(trainer_command(f"--data_dir={data_dir}",
                                                f"--model_dir={model_dir}", *FINISH_FLAGS),
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, preexec_fn=lambda: os.nice(5))
+                               text=True)
     for line in process.stdout:
         if line.startswith("final test:"):
             staged = wait_for_entry(export, lambda name: name.startswith(".tmp-"), timeout=120,
