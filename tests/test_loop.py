@@ -4,6 +4,7 @@ changes refused or accepted, one step counter under float16, and the cross-repli
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 
@@ -21,28 +22,37 @@ from trainer.loop.ema import WeightAverage
 from trainer.loop.optimization import RunSchedule, learning_rate_of_step, make_optimizer
 from trainer.loop.step import Metrics, StepFunctions
 
+# small_demo_dir: 10 steps per epoch, so 20 steps cross an epoch and a checkpoint, and the
+# finishing evaluations are short.
 FINISH_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=10", "--train_steps=20",
                 "--checkpoint_every_steps=10", "--deterministic", "--noeval_figures",
-                "--distribution_strategy=one_device")
+                "--high_loss_scan=0", "--distribution_strategy=one_device")
 FINAL_OUTPUTS = ("results.json", "model.keras", "export/20/saved_model.pb",
                  "export/20/model.keras")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_dir, tmp_path_factory):
+def uninterrupted(small_demo_dir, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("whole") / "run"
-    run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FINISH_FLAGS)
+    run_trainer(f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}", *FINISH_FLAGS)
     return json.loads((model_dir / "results.json").read_text())
 
 
-def _interrupt(model_dir, demo_dir, when, sig) -> int:
-    """Start the run, send `sig` as soon as `when(line, model_dir)` is true; the exit code."""
-    process = subprocess.Popen(trainer_command(f"--data_dir={demo_dir}",
+def _signal_in_export(model_dir, data_dir, sig) -> int:
+    """Start the run, send `sig` as soon as the export's staging folder (`.tmp-*`, one this
+    start made) appears after the "final test:" line; the exit code. The kernel reports the
+    folder (tests/file_events.py), no polling."""
+    export = model_dir / "export"
+    before = set(os.listdir(export)) if export.exists() else set()
+    process = subprocess.Popen(trainer_command(f"--data_dir={data_dir}",
                                                f"--model_dir={model_dir}", *FINISH_FLAGS),
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True)
     for line in process.stdout:
-        if when(line, model_dir):
+        if line.startswith("final test:"):
+            staged = wait_for_entry(export, lambda name: name.startswith(".tmp-"), timeout=120,
+                                    alive=lambda: process.poll() is None, ignore=before)
+            assert staged is not None, "the export's staging folder never appeared"
             process.send_signal(sig)
             break
     for _ in process.stdout:
@@ -50,51 +60,36 @@ def _interrupt(model_dir, demo_dir, when, sig) -> int:
     return process.wait(timeout=120)
 
 
-def _after_final_valid(line, model_dir):
-    return line.startswith("final valid:")  # the test split's final evaluation comes next
-
-
-def _export_staging(line, model_dir):
-    """Waits (reading no further) until the export's staging folder appears: the kernel reports
-    it (tests/file_events.py), no polling."""
-    if not line.startswith("final test:"):
-        return False
-    if wait_for_entry(model_dir / "export", lambda name: name.startswith(".tmp-"), timeout=120):
-        return True
-    raise AssertionError("the export's staging folder never appeared")
-
-
 # A SIGTERM in the loop (save, exit 75) is test_controller's stop test in process, and
-# test_multiworker's and test_sweep's with processes; here the stops during finishing.
-@pytest.mark.parametrize("when,sig,code", [
-    (_after_final_valid, signal.SIGKILL, -signal.SIGKILL),
-    (_export_staging, signal.SIGKILL, -signal.SIGKILL),
-    (_export_staging, signal.SIGINT, 75),  # a Ctrl-C in the export is not swallowed (exit 0)
-], ids=["sigkill-in-final-evaluation", "sigkill-in-export",
-        "sigint-in-export"])
-def test_a_restart_completes_the_finishing_phase(demo_dir, tmp_path, uninterrupted, when, sig,
-                                                 code):
+# test_multiworker's and test_sweep's with processes; the stops at each point of finishing
+# (between outputs, a SIGINT in the export) are test_finish's, in process. Here, with real
+# processes: a SIGKILL in the export (its staging folder left behind), then a Ctrl-C in the
+# restart's export, which must exit 75 (not be swallowed: exit 0) without results.json.
+def test_a_restart_completes_the_finishing_phase(small_demo_dir, tmp_path, uninterrupted):
     model_dir = tmp_path / "run"
-    assert _interrupt(model_dir, demo_dir, when, sig) == code
+    assert _signal_in_export(model_dir, small_demo_dir, signal.SIGKILL) == -signal.SIGKILL
     assert not (model_dir / "results.json").exists()
-    again = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FINISH_FLAGS)
+    assert _signal_in_export(model_dir, small_demo_dir, signal.SIGINT) == 75
+    assert not (model_dir / "results.json").exists()
+    again = run_trainer(f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}",
+                        *FINISH_FLAGS)
     assert "is finished" not in again.stdout
     for name in FINAL_OUTPUTS:
         assert (model_dir / name).exists(), name
     results = json.loads((model_dir / "results.json").read_text())
     assert results["steps"] == 20
     assert results["splits"] == uninterrupted["splits"]
-    # A third start finds the run finished and trains nothing.
-    third = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FINISH_FLAGS)
-    assert "is finished (20 of 20 steps)" in third.stdout
+    # A fourth start finds the run finished and trains nothing.
+    fourth = run_trainer(f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}",
+                         *FINISH_FLAGS)
+    assert "is finished (20 of 20 steps)" in fourth.stdout
     runs = [json.loads(line) for line in (model_dir / "runs.jsonl").read_text().splitlines()]
-    assert [r["exit"] for r in runs][-1] == "finished"
-    assert runs[0]["exit"] in ("preempted", None)  # None: killed
+    assert [r["exit"] for r in runs][:3] == [None, "preempted", "finished"]  # None: killed
 
 
-def test_rollback_skips_a_poisoned_batch_and_finishes(demo_dir, tmp_path):
+def test_rollback_skips_a_poisoned_batch_and_finishes(small_demo_dir, tmp_path):
     model_dir = tmp_path / "run"
-    flags = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
+    flags = (f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
              "--train_steps=30", "--checkpoint_every_steps=5", "--noeval_figures",
              "--noexport_at_end", "--high_loss_scan=0", "--distribution_strategy=one_device",
              "--debug_nan_batches=12")  # data position 12 is step 13 (loop 11-15)
@@ -158,9 +153,9 @@ def test_switching_averages_or_float16_is_refused_even_when_allowed():
             resume.check_config(saved, Config(**{**saved, name: value}), [name], "runs/x")
 
 
-def test_an_extended_run_goes_on_without_a_learning_rate_jump(demo_dir, tmp_path):
+def test_an_extended_run_goes_on_without_a_learning_rate_jump(small_demo_dir, tmp_path):
     model_dir = tmp_path / "run"
-    flags = (f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
+    flags = (f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
              "--noeval_figures", "--noexport_at_end", "--high_loss_scan=0",
              "--distribution_strategy=one_device", "--warmup_epochs=0.1")
     first = subprocess.Popen(trainer_command(*flags, "--train_steps=40",
@@ -182,7 +177,7 @@ def test_an_extended_run_goes_on_without_a_learning_rate_jump(demo_dir, tmp_path
         f"--model_dir")
     extended = run_trainer(*flags, "--train_steps=80", "--allow_change=train_steps")
     saved_plan = RunPlan.make(Config(batch_size=32, base_lr=0.003, warmup_epochs=0.1,
-                                     train_steps=40), 1, 1258)
+                                     train_steps=40), 1, 320)  # small_demo_dir's train images
     rate = float(RunSchedule(saved_plan)(stopped_at))
     assert (f"--train_steps changed (--allow_change): the run ends at step 80 (was 40); the "
             f"learning rate at step {stopped_at} is {rate:.4g} (was to be {rate:.4g}) and "
