@@ -160,14 +160,16 @@ def test_two_sweeps_share_one_study_without_duplicates(base_flagfile, tmp_path):
         assert session["base_lr"] == pytest.approx(trial.params["base_lr"])
 
 
-# Claims trials as fast as it can from a study of waiting trials, from the given start time.
+# Claims trials as fast as it can from a study of waiting trials, from the start time it reads
+# on stdin once it has said it is ready.
 CLAIMER = """
 import sys, time
 import optuna
 from trainer import sweep
 storage, _ = sweep.open_storage(sys.argv[1], 10, 120)
 study = optuna.load_study(study_name="race", storage=storage)
-time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+print("ready", flush=True)
+time.sleep(max(0.0, float(sys.stdin.readline()) - time.time()))
 claimed = []
 while (trial := sweep.claim_trial(study)) is not None:
     claimed.append(trial.number)
@@ -183,10 +185,16 @@ def test_concurrent_claims_on_sqlite_take_each_trial_once(tmp_path):
     study = optuna.create_study(study_name="race", storage=storage)
     for _ in range(60):
         study.enqueue_trial({})
-    begin = time.time() + 8  # every process has imported optuna and opened the storage
-    processes = [subprocess.Popen([sys.executable, "-c", CLAIMER, url, str(begin)], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes = [subprocess.Popen([sys.executable, "-c", CLAIMER, url], cwd=REPO,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
                  for _ in range(4)]
+    for process in processes:  # every process has imported optuna and opened the storage
+        assert process.stdout.readline() == "ready\n", process.communicate()
+    begin = time.time() + 0.5  # one start time for all: they claim together
+    for process in processes:
+        process.stdin.write(f"{begin}\n")
+        process.stdin.flush()
     claims = []
     for process in processes:
         out, err = process.communicate(timeout=120)
