@@ -113,7 +113,7 @@ def service():
 
 # A run of 4 loops of 10 steps on the 320-image cut (10 steps per epoch), no evaluation before the
 # end and no export; the service's stall is noticed after TIMEOUT s without a batch.
-TIMEOUT = 5
+TIMEOUT = 10  # long enough that a loaded machine (two test workers) still feeds each batch
 RUN_FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=40", "--steps_per_loop=10",
              "--eval_every_steps=40", "--checkpoint_every_steps=10", "--deterministic",
              "--distribution_strategy=one_device", "--noexport_at_end", "--noeval_figures",
