@@ -75,11 +75,15 @@ def small_state(tmp_path, *, total_steps=20, steps_per_loop=4, eval_every=10, ch
                            keeper=keeper, best=best, writers=summaries.Summaries(None)))
 
 
+def quiet_reporter(state) -> Reporter:
+    """A real Reporter of `state`'s writers, with a fixed speed ceiling and learning rate."""
+    return Reporter(state.plan, state.writers, Speedometer(1.0, 1e15),
+                    input_is_upper_bound=False, learning_rate=lambda step: 0.1)
+
+
 def counting_controller(state, extra_actions=(), **runner_options):
-    reporter = Reporter(state.plan, state.writers, Speedometer(1.0, 1e15),
-                        input_is_upper_bound=False, learning_rate=lambda step: 0.1)
     runner = CountingRunner(state, **runner_options)
-    return Controller(state, runner, reporter, list(extra_actions)), runner
+    return Controller(state, runner, quiet_reporter(state), list(extra_actions)), runner
 
 
 def saved_steps(state) -> list[int]:

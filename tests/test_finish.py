@@ -30,6 +30,7 @@ from PIL import Image
 
 from data import datasets, decode, layout
 from models import registry
+from tests.controller_parts import quiet_reporter
 from tests.file_events import wait_for_entry
 from trainer.config import Config, RunPlan
 from trainer.errors import Interrupts, Preempted
@@ -39,8 +40,6 @@ from trainer.loop.controller import Controller
 from trainer.loop.inputs import Inputs
 from trainer.loop.run_state import RunState
 from trainer.loop.runner import StepRunner
-from trainer.report.console import Reporter
-from trainer.report.performance import Speedometer
 from trainer.state import checkpoints, run_dir
 from trainer.tools import analysis, calibration
 
@@ -130,10 +129,8 @@ class RecordingRunner(StepRunner):
 
 
 def _controller(state, extra_actions=()):
-    reporter = Reporter(state.plan, state.writers, Speedometer(1.0, 1e15),
-                        input_is_upper_bound=False, learning_rate=lambda step: 0.1)
     runner = RecordingRunner(state)
-    return Controller(state, runner, reporter,
+    return Controller(state, runner, quiet_reporter(state),
                       [actions.TrackBest(train.early_stopping_context(state)),
                        *extra_actions]), runner
 
