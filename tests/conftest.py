@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as the trainer runs (trainer/__init__.py)
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.s3_server"]

@@ -45,3 +45,19 @@ def test_this_machine_is_read_from_proc_cpuinfo():
     expected = "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
     if not hardware.gpu_compute_capabilities:
         assert resolve_precision("auto").dtype == expected
+
+
+def test_importing_the_trainer_turns_on_onednn_on_any_x86_cpu():
+    """TensorFlow turns oneDNN on by itself only on AVX-512 CPUs; on an AVX2 CPU the trainer's
+    default is what gives ConvNeXt its grouped-convolution gradients (trainer/__init__.py)."""
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    probe = ("import trainer, tensorflow\n"
+             "from tensorflow.python.util import _pywrap_util_port as port\n"
+             "print(port.IsMklEnabled())")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "True", out
