@@ -194,23 +194,31 @@ def test_a_worker_killed_mid_run_stops_in_bounded_time_saving_the_completed_step
     assert _saved_step(run) == 40
 
 
-def test_the_dispatcher_killed_mid_run_leaves_the_worker_serving_to_the_end(
+def test_the_dispatcher_killed_mid_run_ends_the_run_in_bounded_time_either_way(
         service, small_demo_dir, tmp_path):
-    """Measured: the worker goes on serving the job without its dispatcher, so the run trains
-    to its end; and the end does not wait on the service client's retries of the dispatcher."""
+    """With dynamic sharding the worker asks the dispatcher for each new split of the data, so
+    it serves a dead dispatcher's job only as far as the splits it already holds: on a fast
+    machine that was the whole run (exit 0, measured on AVX-512 hosts), on a slower one the
+    run stalled after step 30 of 40 (AVX2, 2026-12-04). Either way the run ends in bounded
+    time: finished, or its completed steps saved with the one stop line (exit 75); the end
+    never waits on the service client's retries of the dispatcher."""
     run = tmp_path / "run"
-    # 30 s, not TIMEOUT: a batch can take over 10 s here while the worker's heartbeats to the
-    # dead dispatcher fail on a loaded AVX2 machine (seen: exit 75 at step 30 of 40).
     trainer = _start_trainer(f"--data_dir={small_demo_dir}", f"--model_dir={run}", *RUN_FLAGS,
-                             f"--data_service={service.address}", "--data_service_timeout=30")
+                             f"--data_service={service.address}")
     _wait_for_steps(run, 10, trainer)
     service.dispatcher.send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    stdout, stderr, seconds = _finish(trainer, killed, within=30 + 60)
-    print(f"dispatcher SIGKILL -> trainer exit: {seconds:.1f} s")
-    assert trainer.returncode == 0, stdout + stderr
-    assert _last_run(run)["end_step"] == 40 and _last_run(run)["exit"] == "finished"
-    assert (run / "results.json").exists() and "Traceback" not in stderr
+    stdout, stderr, seconds = _finish(trainer, killed, within=TIMEOUT + 60)
+    print(f"dispatcher SIGKILL -> trainer exit {trainer.returncode}: {seconds:.1f} s")
+    assert "Traceback" not in stderr
+    if trainer.returncode == 0:
+        assert _last_run(run)["end_step"] == 40 and _last_run(run)["exit"] == "finished"
+        assert (run / "results.json").exists()
+    else:
+        assert trainer.returncode == 75, stdout + stderr
+        assert _stopped_line(stdout, run).startswith(
+            f"no training batch from the tf.data service {service.address} for {TIMEOUT} s")
+        assert 10 <= _last_run(run)["end_step"] < 40
 
 
 def test_sigterm_while_the_service_stalls_stops_at_once(service, small_demo_dir, tmp_path):
