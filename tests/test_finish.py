@@ -256,6 +256,20 @@ def test_each_split_is_evaluated_once_and_the_calibration_uses_those_logits(fini
 
 
 @pytest.mark.quick
+def test_without_eval_figures_the_calibration_draws_no_figure(finished_run):
+    """--noeval_figures (the finished run's): the calibration's numbers, but no reliability
+    diagram (nor any other figure) in TensorBoard."""
+    from tensorboard.backend.event_processing import event_accumulator
+    events = event_accumulator.EventAccumulator(
+        str(finished_run.model_dir / "eval"), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"valid/calibration/ece_before", "test/calibration/ece_after"} <= tags, tags
+    assert not [tag for tag in tags if tag.endswith(("reliability_diagram", "confusion_matrix",
+                                                     "misclassified"))], tags
+
+
+@pytest.mark.quick
 def test_a_second_evaluation_does_not_trace_again(finished_run):
     """The evaluation step is one tf.function per model (StepFunctions._eval_batch): traced
     once for every split and every later pass of the same batch shape."""

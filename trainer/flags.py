@@ -185,7 +185,8 @@ flags.DEFINE_float("unknown_below", _D.unknown_below, "The exported serving sign
 # --- TensorBoard extras ---------------------------------------------------------------------
 flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, the split's "
                      "confusion matrix and a gallery of misclassified images, drawn from the "
-                     "evaluation's own pass (no other pass over the split).")
+                     "evaluation's own pass (no other pass over the split); at the end, "
+                     "each split's reliability diagram too.")
 flags.DEFINE_integer("high_loss_scan", _D.high_loss_scan, "At each valid evaluation, scan "
                      "this many training images (a seeded sample; all if the set is smaller) and "
                      "show the 12 with the highest loss, titled with label and prediction "

@@ -113,7 +113,8 @@ def weights_digest(model) -> str:
 
 def _calibrate(s, step: int, predictions: dict) -> dict | None:
     """Temperature scaling fitted on valid (None without a valid split): the temperature, and
-    per split the ECE, NLL and accuracy before and after; a reliability diagram per split.
+    per split the ECE, NLL and accuracy before and after; a reliability diagram per split
+    (with --eval_figures).
     `predictions`: each split's from its final evaluation (the evaluated weights)."""
     if "valid" not in predictions:
         return None
@@ -128,12 +129,13 @@ def _calibrate(s, step: int, predictions: dict) -> dict | None:
         result[split] = report = calibration.calibration_report(split_logits, labels, temperature)
         s.writers.scalars(s.writers.eval, step, {k: report[k] for k in ("ece_before", "ece_after")},
                           f"{split}/calibration")
-        s.writers.image(s.writers.eval, step, f"{split}/reliability_diagram",
-                        figures.reliability_diagram(
-                            calibration.reliability(calibration.softmax(split_logits), labels),
-                            calibration.reliability(
-                                calibration.softmax(split_logits, temperature), labels),
-                            f"{split}: temperature {temperature:.3f} (fitted on valid)"))
+        if s.config.eval_figures:
+            s.writers.image(s.writers.eval, step, f"{split}/reliability_diagram",
+                            figures.reliability_diagram(
+                                calibration.reliability(calibration.softmax(split_logits), labels),
+                                calibration.reliability(
+                                    calibration.softmax(split_logits, temperature), labels),
+                                f"{split}: temperature {temperature:.3f} (fitted on valid)"))
         print(f"calibration on {split}: ECE {report['ece_before']:.4f} -> "
               f"{report['ece_after']:.4f}, NLL {report['nll_before']:.4f} -> "
               f"{report['nll_after']:.4f} (temperature {temperature:.3f}, fitted on valid)",
