@@ -24,6 +24,20 @@ def pytest_configure(config):
     distribute.split_cpu(2)
 
 
+# The longest modules (seconds on 2 busy AVX2 cores, 2026-12-04), collected first: xdist's
+# loadscope hands out modules in collection order, so a long one collected last ran alone at the
+# end while the other worker idled.
+LONGEST_MODULES = ("test_multiworker", "test_loop", "test_service", "test_sweep", "test_models",
+                   "test_research", "test_resume", "test_packed", "test_bench", "test_notebook")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+    items.sort(key=rank)  # stable: a module's own tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_tmpdir(tmp_path_factory):
     """TMPDIR (and tempfile's directory) of this session and every process it starts: a folder

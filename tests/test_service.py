@@ -209,7 +209,8 @@ def test_the_dispatcher_killed_mid_run_ends_the_run_in_bounded_time_either_way(
     service.dispatcher.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     stdout, stderr, seconds = _finish(trainer, killed, within=TIMEOUT + 60)
-    print(f"dispatcher SIGKILL -> trainer exit {trainer.returncode}: {seconds:.1f} s")
+    code = trainer.returncode
+    print(f"dispatcher SIGKILL -> exit {code}: {seconds:.1f} s")
     assert "Traceback" not in stderr
     if trainer.returncode == 0:
         assert _last_run(run)["end_step"] == 40 and _last_run(run)["exit"] == "finished"
