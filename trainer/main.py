@@ -76,10 +76,8 @@ def _exit(config, code: int) -> int:
     (logging, weakref finalizers). A multi-worker run without the service ends the usual way:
     its shutdown is the cluster's barrier, where the workers finish together."""
     if config.data_service or config.distribution_strategy != "multi_worker_mirrored":
-        sys.stdout.flush()
-        sys.stderr.flush()
         atexit._run_exitfuncs()
-        os._exit(code)
+        _exit_now(None, code)
     return code
 
 
@@ -112,8 +110,11 @@ def _interrupted(config, sig: int) -> int:
     return errors.EXIT_PREEMPTED
 
 
-def _exit_now(line: str, code: int) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _exit_now(line: str | None, code: int) -> None:
+    """Exit without the interpreter's shutdown, `line` (if any) on stderr, both streams flushed."""
+    if line:
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
     sys.stdout.flush()
     os._exit(code)
 
