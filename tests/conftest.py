@@ -87,16 +87,54 @@ def small_demo_dir(demo_dir, tmp_path_factory) -> Path:
     return root
 
 
+# Outputs that cost a trainer process seconds and that most tests do not read: off in every test
+# run, before the test's own flags (the last of a repeated flag wins, so a test that reads one
+# turns it back on: --sample_images, --high_loss_scan=N, --eval_figures, --export_at_end).
+QUIET_FLAGS = ("--nosample_images", "--high_loss_scan=0", "--noeval_figures",
+               "--noexport_at_end")
+
+
 def trainer_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.main", *args]
+    return [sys.executable, "-m", "trainer.main", *QUIET_FLAGS, *args]
+
+
+# TEST_PRESTARTED=0: trainer processes start from scratch (tests/prestarted.py).
+PRESTARTED = os.environ.get("TEST_PRESTARTED", "1") != "0"
+
+
+def start_trainer(*args: str, nice: int = 0, **popen_options) -> subprocess.Popen:
+    """`python -m trainer.main ARGS` from the repo root as a real process, forked from a server
+    that has imported TensorFlow and the trainer (tests/prestarted.py): subprocess.Popen with
+    `popen_options` (streams, env, start_new_session), `nice` added to its niceness."""
+    from tests import prestarted
+    popen_options.setdefault("cwd", REPO)
+    if not PRESTARTED:
+        return subprocess.Popen(trainer_command(*args), preexec_fn=lambda: os.nice(nice),
+                                **popen_options)
+    return prestarted.Popen(trainer_command(*args), server=prestarted.server(str(REPO)),
+                            nice=nice, **popen_options)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prestarted_server():
+    yield
+    from tests import prestarted
+    prestarted.close()
 
 
 def run_trainer(*args: str, timeout: float = 300, env: dict | None = None,
                 check: bool = True) -> subprocess.CompletedProcess:
-    """Runs `python -m trainer.main ARGS` in a fresh process from the repo root."""
-    full_env = dict(os.environ, **(env or {}))
-    result = subprocess.run(trainer_command(*args), cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout, env=full_env)
+    """Runs `python -m trainer.main ARGS` in a process of its own (start_trainer)."""
+    process = start_trainer(*args, env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    with process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer exited {result.returncode}\nstdout:\n{result.stdout}\n"
                              f"stderr:\n{result.stderr[-4000:]}")

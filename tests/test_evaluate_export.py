@@ -46,9 +46,10 @@ def trained(demo_dir, tmp_path_factory):
     result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
                          f"--train_steps={TRAIN_STEPS}", "--eval_every_steps=20",
                          "--distribution_strategy=one_device",
-                         # No test reads the trainer's figures or high-loss gallery: the
-                         # TensorBoard figures checked here are the evaluate tool's.
-                         "--noeval_figures", "--high_loss_scan=0")
+                         # No test reads the trainer's figures or high-loss gallery (the
+                         # TensorBoard figures checked here are the evaluate tool's); the
+                         # export is read.
+                         "--export_at_end")
     results = json.loads((model_dir / "results.json").read_text())
     return model_dir, result.stdout, results
 

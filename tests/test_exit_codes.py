@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import FAST_DEMO_FLAGS, REPO, trainer_command
+from tests.conftest import FAST_DEMO_FLAGS, REPO, start_trainer
 from tests.file_events import wait_for_entry
 from trainer import errors
 from trainer.state import run_dir
@@ -248,7 +248,7 @@ FLAGS = (*FAST_DEMO_FLAGS, "--distribution_strategy=one_device", "--noeval_figur
 
 
 def _start(*flags):
-    return subprocess.Popen(trainer_command(*flags), cwd=REPO, stdout=subprocess.PIPE,
+    return start_trainer(*flags, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

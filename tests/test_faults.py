@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, start_trainer
 from trainer.loop.actions import StepLossLog
 from trainer.state import checkpoints, recovery, run_dir, run_lock
 
 # 30 steps, 10 per epoch on small_demo_dir; saves at steps 5, 15, 25 and 30 (ckpt-1..4; the
 # newest three kept).
 FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=30", "--checkpoint_every_steps=10", "--deterministic",
-         "--distribution_strategy=one_device", "--noeval_figures", "--high_loss_scan=0")
+         "--distribution_strategy=one_device", "--export_at_end")
 
 
 class Whole:
@@ -281,10 +281,10 @@ def test_two_trainers_started_two_seconds_apart_one_is_refused_naming_the_other(
              "--train_steps=100000", "--distribution_strategy=one_device", "--noeval_figures",
              "--high_loss_scan=0")
     started = time.time()
-    first = subprocess.Popen(trainer_command(*flags), cwd=REPO, stdout=subprocess.DEVNULL,
+    first = start_trainer(*flags, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     time.sleep(2)
-    second = subprocess.Popen(trainer_command(*flags), cwd=REPO, stdout=subprocess.DEVNULL,
+    second = start_trainer(*flags, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
         while first.poll() is None and second.poll() is None and time.time() - started < 150:

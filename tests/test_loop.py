@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, start_trainer
 from tests.file_events import wait_for_entry
 from trainer.config import Config, RunPlan
 from trainer.loop import resume
@@ -25,8 +25,8 @@ from trainer.loop.step import Metrics, StepFunctions
 # small_demo_dir: 10 steps per epoch, so 20 steps cross an epoch and a checkpoint, and the
 # finishing evaluations are short.
 FINISH_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=10", "--train_steps=20",
-                "--checkpoint_every_steps=10", "--deterministic", "--noeval_figures",
-                "--high_loss_scan=0", "--distribution_strategy=one_device")
+                "--checkpoint_every_steps=10", "--deterministic", "--export_at_end",
+                "--distribution_strategy=one_device")
 FINAL_OUTPUTS = ("results.json", "model.keras", "export/20/saved_model.pb",
                  "export/20/model.keras")
 
@@ -44,9 +44,9 @@ def _signal_in_export(model_dir, data_dir, sig) -> int:
     folder (tests/file_events.py), no polling."""
     export = model_dir / "export"
     before = set(os.listdir(export)) if export.exists() else set()
-    process = subprocess.Popen(trainer_command(f"--data_dir={data_dir}",
-                                               f"--model_dir={model_dir}", *FINISH_FLAGS),
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    process = start_trainer(f"--data_dir={data_dir}",
+                                               f"--model_dir={model_dir}", *FINISH_FLAGS,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True)
     for line in process.stdout:
         if line.startswith("final test:"):
@@ -158,9 +158,9 @@ def test_an_extended_run_goes_on_without_a_learning_rate_jump(small_demo_dir, tm
     flags = (f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
              "--noeval_figures", "--noexport_at_end", "--high_loss_scan=0",
              "--distribution_strategy=one_device", "--warmup_epochs=0.1")
-    first = subprocess.Popen(trainer_command(*flags, "--train_steps=40",
-                                             "--checkpoint_every_steps=5"),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    first = start_trainer(*flags, "--train_steps=40",
+                                             "--checkpoint_every_steps=5",
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True)
     stopped_at = None
     for line in first.stdout:

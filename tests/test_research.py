@@ -30,12 +30,12 @@ UNKNOWN_BELOW = 0.5
 EVAL_CROP = 0.95
 EARLY_FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=80", "--eval_every_steps=5",
                f"--early_stopping_patience={PATIENCE}", "--best_metric=valid/loss",
-               "--distribution_strategy=one_device", "--noeval_figures",
-               "--high_loss_scan=0")  # the gallery is tested on calibrated_run, not here
+               "--distribution_strategy=one_device",
+               "--export_at_end")  # the gallery is tested on calibrated_run, not here
 # A run trained to about 80% accuracy, its export calibrated (the early-stopped one is too
 # little trained for calibration to mean much).
 CALIBRATED_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=10", "--train_steps=40",
-                    "--distribution_strategy=one_device", "--noeval_figures",
+                    "--distribution_strategy=one_device", "--export_at_end",
                     f"--unknown_below={UNKNOWN_BELOW}", "--high_loss_scan=100000",
                     f"--eval_crop={EVAL_CROP}")
 

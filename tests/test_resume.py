@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, start_trainer
 from tests.file_events import wait_for_entry
 from trainer.loop.step import Metrics, StepFunctions
 from trainer.loop.actions import StepLossLog
@@ -49,9 +49,9 @@ def _start(model_dir, *flags) -> subprocess.Popen:
     """The trainer at a lower priority (nice 10) than this test, so that the test's kill runs
     as soon as the kernel reports the file it waits for, even on a busy machine (at nice 5, on
     2 busy AVX2 cores, three kills in a row came after the save had finished)."""
-    return subprocess.Popen(trainer_command(f"--model_dir={model_dir}", *flags), cwd=REPO,
+    return start_trainer(f"--model_dir={model_dir}", *flags,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            preexec_fn=lambda: os.nice(10))
+                            nice=10)
 
 
 def _kill_after_step(model_dir, flags, step: int) -> int:

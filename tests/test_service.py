@@ -3,6 +3,7 @@ service's faults mid-run and at start (processes killed with SIGKILL)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import os
 
 import pytest
 
-from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, trainer_command
+from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, start_trainer
 from tests.s3_server import free_ports, stop_process_group
 from trainer.loop.actions import StepLossLog
 
@@ -121,8 +122,8 @@ RUN_FLAGS = (*FAST_DEMO_FLAGS, "--train_steps=40", "--steps_per_loop=10",
 
 
 def _start_trainer(*flags: str) -> subprocess.Popen:
-    return subprocess.Popen(trainer_command(*flags), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start_trainer(*flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
 
 
 def _wait_for_steps(model_dir, steps: int, trainer: subprocess.Popen,
@@ -136,6 +137,25 @@ def _wait_for_steps(model_dir, steps: int, trainer: subprocess.Popen,
         assert trainer.poll() is None, trainer.communicate()
         time.sleep(0.05)
     raise AssertionError(f"no {steps} steps in {timeout} s")
+
+
+def _wait_until_idle(process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the process has used under 0.05 s of CPU in a second: blocked, not training or
+    saving (a fixed sleep was too short on a busy machine, where the batches the client had
+    prefetched lasted through the next loop and its save)."""
+    def cpu_ticks() -> int:
+        with open(f"/proc/{process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    hertz, deadline = os.sysconf("SC_CLK_TCK"), time.monotonic() + timeout
+    before = cpu_ticks()
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = cpu_ticks()
+        if now - before < 0.05 * hertz:
+            return
+        before = now
+    raise AssertionError(f"the trainer did not block within {timeout} s")
 
 
 def _finish(trainer: subprocess.Popen, since: float, within: float) -> tuple[str, str, float]:
@@ -229,7 +249,7 @@ def test_sigterm_while_the_service_stalls_stops_at_once(service, small_demo_dir,
                              f"--data_service={service.address}", "--data_service_timeout=600")
     _wait_for_steps(run, 10, trainer)
     service.worker.send_signal(signal.SIGKILL)
-    time.sleep(2)  # the prefetched batches used up, the loop blocked
+    _wait_until_idle(trainer)  # the prefetched batches used up, the loop blocked
     trainer.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     stdout, stderr, seconds = _finish(trainer, signalled, within=40)

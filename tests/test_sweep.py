@@ -17,13 +17,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer
+from tests.conftest import FAST_DEMO_FLAGS, QUIET_FLAGS, REPO, run_trainer
 from trainer import sweep
 
 TRIAL_FLAGS = (*FAST_DEMO_FLAGS[:-1], "--steps_per_loop=2", "--train_steps=12",
                "--eval_every_steps=4", "--checkpoint_every_steps=4", "--deterministic",
-               "--distribution_strategy=one_device", "--noeval_figures", "--noexport_at_end",
-               "--high_loss_scan=0")
+               "--distribution_strategy=one_device", *QUIET_FLAGS)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_DEMO_FLAGS, REPO, trainer_command
+from tests.conftest import FAST_DEMO_FLAGS, REPO, start_trainer, trainer_command
 from trainer.report import summaries
 from trainer.tensorboard import free_port
 
@@ -29,7 +29,7 @@ ARTIFACTS = REPO / "test-artifacts"
 # lr1 also has the optional extras: histograms + gradient norm, a profile, an in-loop evaluation.
 RUNS = {"lr3": ("--base_lr=0.003",),
         "lr1": ("--base_lr=0.001", "--summary_histograms", "--profile_steps=2,3",
-                "--eval_every_steps=5")}
+                "--eval_every_steps=5", "--sample_images")}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,11 @@ def parent_dir(demo_dir, tmp_path_factory) -> Path:
     parent = tmp_path_factory.mktemp("runs")
     processes = {}
     for name, extra in RUNS.items():
-        processes[name] = subprocess.Popen(
-            trainer_command(f"--data_dir={demo_dir}", f"--model_dir={parent / name}",
+        processes[name] = start_trainer(f"--data_dir={demo_dir}", f"--model_dir={parent / name}",
                             *FAST_DEMO_FLAGS, "--train_steps=6",
-                            "--distribution_strategy=one_device", *extra),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "--distribution_strategy=one_device", "--eval_figures",
+                            *extra,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name, process in processes.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, f"{name}: exit {process.returncode}\n{out}\n{err[-3000:]}"
@@ -105,14 +105,15 @@ def test_server_lists_both_runs_with_scalars_images_text_and_histograms(server):
                 "train/images_per_second"} <= set(scalars[f"{name}/train"])
         assert {"valid/loss", "valid/accuracy", "test/loss", "test/accuracy"} <= \
             set(scalars[f"{name}/eval"])
-        assert {"train/sample_images", "train/sample_images_unaugmented"} <= \
-            set(images[f"{name}/train"])
         assert {"valid/confusion_matrix", "valid/misclassified", "test/confusion_matrix"} <= \
             set(images[f"{name}/eval"])
         assert {"config", "environment"} <= set(text[f"{name}/train"])
     # The extras only where asked for.
     assert "train/gradient_norm" in scalars["lr1/train"]
     assert "train/gradient_norm" not in scalars["lr3/train"]
+    assert {"train/sample_images", "train/sample_images_unaugmented"} <= \
+        set(images["lr1/train"])
+    assert not any(tag.startswith("train/sample_images") for tag in images.get("lr3/train", {}))
     histograms = get_json(server, "data/plugin/histograms/tags")
     assert any(tag.startswith("weights/") for tag in histograms.get("lr1/train", {}))
     assert "lr3/train" not in histograms

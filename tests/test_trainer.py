@@ -106,7 +106,7 @@ def demo_run(demo_dir, tmp_path_factory):
     # --mixed_precision=auto as the configs use it: bfloat16 on CPUs with AVX512_BF16 or AMX.
     result = run_trainer(f"--data_dir={demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
                          "--epochs=2", "--distribution_strategy=mirrored", "--cpu_devices=2",
-                         "--mixed_precision=auto")
+                         "--mixed_precision=auto", "--sample_images")
     return model_dir, result
 
 

@@ -95,6 +95,7 @@ class Config:
     unknown_below: float = 0.0  # the export names a top-1 probability below this `unknown`
     # TensorBoard extras
     eval_figures: bool = True
+    sample_images: bool = True  # the nine training images before and after augmentation
     high_loss_scan: int = 2048  # train images scanned for the highest-loss gallery; 0 = off
     summary_histograms: bool = False
     profile_steps: str = ''  # "A,B" or "" (see parse_profile_steps)

@@ -187,6 +187,9 @@ flags.DEFINE_boolean("eval_figures", _D.eval_figures, "At each evaluation, the s
                      "confusion matrix and a gallery of misclassified images, drawn from the "
                      "evaluation's own pass (no other pass over the split); at the end, "
                      "each split's reliability diagram too.")
+flags.DEFINE_boolean("sample_images", _D.sample_images, "Once per run, the same nine "
+                     "training images before and after augmentation, titled with their classes "
+                     "(train/sample_images, train/sample_images_unaugmented).")
 flags.DEFINE_integer("high_loss_scan", _D.high_loss_scan, "At each valid evaluation, scan "
                      "this many training images (a seeded sample; all if the set is smaller) and "
                      "show the 12 with the highest loss, titled with label and prediction "

@@ -377,8 +377,8 @@ def _write_run_files(config: Config, plan: RunPlan, data: Inputs, new_run: bool)
 def _write_run_description(config: Config, plan: RunPlan, data: Inputs,
                            state: RunState) -> None:
     """Once per run: the resolved config (credentials left out) and the environment as text,
-    the hyperparameters for the HParams dashboard, and the same training images as a grid
-    before and after augmentation."""
+    the hyperparameters for the HParams dashboard, and (--sample_images) the same training
+    images as a grid before and after augmentation."""
     writers = state.writers
     config_rows, plan_rows = dataclasses.asdict(config), dataclasses.asdict(plan)
     rows = summaries.public_fields(config_rows) | {f"plan.{k}": v for k, v in plan_rows.items()}
@@ -390,7 +390,7 @@ def _write_run_description(config: Config, plan: RunPlan, data: Inputs,
     if writers.model_dir:
         summaries.write_hparams(writers.model_dir,
                                 summaries.hparam_values(config_rows, plan_rows))
-    if not data.synthetic:
+    if config.sample_images and not data.synthetic:
         for tag, augment in (("train/sample_images", inputs.train_augment(config)),
                              ("train/sample_images_unaugmented",
                               Augment(crop_min_area=1.0, flip=False))):

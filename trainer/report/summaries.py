@@ -94,6 +94,7 @@ def environment(strategy, workers: int, precision_hardware: str) -> dict[str, ob
 # Config fields that describe bookkeeping, not the experiment: left out of the HParams dashboard.
 NOT_HPARAMS = ("model_dir", "cache_images", "cache_memory_fraction", "steps_per_loop",
                "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "eval_figures",
+               "sample_images", "high_loss_scan",
                "summary_histograms", "profile_steps", "on_bad_file",
                "export_at_end", "list_models")
 # (group = run subdirectory, scalar tag) of the metrics shown beside the hyperparameters; the

@@ -1,0 +1,265 @@
+"""Trainer processes without the import: a server that imported TensorFlow, Keras and the
+trainer once, and forks a child per `python -m trainer.main ...` a test starts.
+
+Each trainer process of the suite spent about 6 s importing before its first line (2 AVX2
+cores, 2026-12-04); the suite starts over a hundred. A child forked from this server is a real
+process of its own (its PID, signals, exit code, stdin/stdout/stderr, working directory and
+environment are the test's), but its modules are already loaded: `trainer.main` runs in it as
+`python -m trainer.main` would, from argument parsing on.
+
+Forking is safe here because the server never starts TensorFlow's runtime (no op, no device,
+no thread pool: `serve` checks), which each child then starts for itself. What a prestarted
+child cannot show is the cold start itself (what happens during the imports, the environment
+read at import time): the tests of those start `sys.executable` themselves.
+
+The protocol, one Unix-socket connection per child: the client sends one JSON line (argv, cwd,
+env, start_new_session) with its three standard streams as file descriptors (SCM_RIGHTS); the
+server answers the child's PID on one line and, when the child ends, its wait status on a
+second. `Popen` is subprocess.Popen with that exchange in place of fork/exec and waitpid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+PRELOAD = ("trainer.flags", "trainer.errors", "trainer.tools.tool_flags", "trainer.loop.train",
+           "trainer.loop.finish", "trainer.tools.serving", "trainer.tools.analysis",
+           "trainer.report.figures", "models.registry", "data.check", "data.datasets",
+           "data.packed", "matplotlib.pyplot", "tensorboard.plugins.hparams.api")
+
+
+# ---- the server --------------------------------------------------------------------------
+def serve(path: str) -> None:
+    import importlib
+    from trainer.tools.tool_flags import import_tensorflow
+    import_tensorflow()  # quietly, as the trainer does
+    import matplotlib
+    matplotlib.use("Agg")
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from tensorflow.python.eager import context
+    if context.context()._context_handle is not None:  # noqa: SLF001
+        raise SystemExit("prestarted: an import started TensorFlow's runtime; forking is unsafe")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nobody reads the pipe from here on
+    children: dict[int, tuple[socket.socket, int]] = {}  # pidfd -> (connection, pid)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(0, selectors.EVENT_READ)  # EOF: the test process is gone
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj == 0:
+                if not os.read(0, 1024):
+                    listener.close()
+                    os.unlink(path)
+                    return  # the children run on (a test's kill ends those it started)
+            elif key.fileobj is listener:
+                connection, _ = listener.accept()
+                pid = _start_child(connection, listener, selector, children)
+                if pid:
+                    pidfd = os.pidfd_open(pid)
+                    children[pidfd] = (connection, pid)
+                    selector.register(pidfd, selectors.EVENT_READ)
+            else:
+                connection, pid = children.pop(key.fd)
+                selector.unregister(key.fd)
+                os.close(key.fd)
+                _, status = os.waitpid(pid, 0)
+                try:
+                    connection.sendall(f"{status}\n".encode())
+                except OSError:
+                    pass  # the test gave up on it
+                connection.close()
+
+
+def _start_child(connection, listener, selector, children) -> int | None:
+    message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    request = json.loads(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _child(request, fds, [listener, connection, selector] + [c for c, _ in children.values()]
+               + list(children))
+    for fd in fds:
+        os.close(fd)
+    connection.sendall(f"{pid}\n".encode())
+    return pid
+
+
+def _child(request: dict, fds: list[int], inherited: list) -> None:
+    """In the forked child: the test's streams, folder and environment, then the program."""
+    code = 1
+    try:
+        for item in inherited:
+            item.close() if hasattr(item, "close") else os.close(item)
+        if request["start_new_session"]:
+            os.setsid()
+        os.nice(request["nice"])
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in set(fds):
+            if fd > 2:
+                os.close(fd)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        module, *args = request["argv"]
+        sys.argv = [module, *args]
+        import runpy
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            code = 128 + signal.SIGINT
+        except BaseException:  # noqa: BLE001 (as the interpreter: the traceback, exit 1)
+            import traceback
+            traceback.print_exc()
+            code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+# ---- the client ----------------------------------------------------------------------------
+class Server:
+    """The server process of this test process, started on first use."""
+
+    def __init__(self, repo: str):
+        # A short path: a Unix socket's is at most 107 bytes.
+        self.path = os.path.join(tempfile.mkdtemp(prefix="prestarted-", dir="/tmp"), "socket")
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.prestarted", self.path],
+                                        cwd=repo, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if line != "ready\n":
+            raise RuntimeError(f"tests.prestarted did not start (exit {self.process.wait()})")
+
+    def close(self) -> None:
+        self.process.stdin.close()  # the server ends at EOF
+        self.process.wait()
+        os.rmdir(os.path.dirname(self.path))
+
+
+class Popen(subprocess.Popen):
+    """subprocess.Popen of `python -m MODULE ARGS` (args[1:3] == ["-m", MODULE]) as a child of
+    `server`: the streams, cwd, env and start_new_session as given, `nice` added to the
+    child's niceness; other options are not supported."""
+
+    def __init__(self, args, *, server: Server, nice: int = 0, **kwargs):
+        self._server, self._nice = server, nice
+        self._status_line = b""
+        super().__init__(args, **kwargs)
+
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
+                       startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite,
+                       errread, errwrite, restore_signals, gid, gids, uid, umask,
+                       start_new_session, process_group):
+        args = [os.fspath(a) for a in args]
+        if args[1] != "-m" or shell or preexec_fn or pass_fds:
+            raise ValueError(f"prestarted: only `python -m MODULE ARGS` is supported: {args}")
+        streams = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1,
+                   errwrite if errwrite != -1 else 2]
+        request = {"argv": args[2:], "cwd": os.fspath(cwd or os.getcwd()),
+                   "env": dict(os.environ if env is None else env),
+                   "start_new_session": bool(start_new_session), "nice": self._nice}
+        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._connection.connect(self._server.path)
+            socket.send_fds(self._connection, [json.dumps(request).encode()], streams)
+            self.pid = int(self._read_line(block=True))
+        finally:
+            self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+    def _read_line(self, block: bool) -> str | None:
+        while b"\n" not in self._status_line:
+            if not block and not select.select([self._connection], [], [], 0)[0]:
+                return None
+            chunk = self._connection.recv(64)
+            if not chunk:
+                raise RuntimeError("prestarted: the server closed the connection")
+            self._status_line += chunk
+        line, self._status_line = self._status_line.split(b"\n", 1)
+        return line.decode()
+
+    def _try_wait(self, wait_flags):
+        status = self._read_line(block=not wait_flags & os.WNOHANG)
+        if status is None:
+            return 0, 0
+        self._connection.close()
+        return self.pid, int(status)
+
+    def _internal_poll(self, _deadstate=None, **_):
+        if self.returncode is None and self._waitpid_lock.acquire(False):
+            try:
+                if self.returncode is None:
+                    pid, status = self._try_wait(os.WNOHANG)
+                    if pid == self.pid:
+                        self._handle_exitstatus(status)
+            except OSError:
+                if _deadstate is not None:
+                    self.returncode = _deadstate
+            finally:
+                self._waitpid_lock.release()
+        return self.returncode
+
+
+_SERVER: Server | None = None
+_LOCK = threading.Lock()
+
+
+def server(repo: str) -> Server:
+    """This process's server, started on first use (and again if it died)."""
+    global _SERVER
+    with _LOCK:
+        if _SERVER is None or _SERVER.process.poll() is not None:
+            _SERVER = Server(repo)
+        return _SERVER
+
+
+def close() -> None:
+    global _SERVER
+    with _LOCK:
+        if _SERVER is not None:
+            _SERVER.close()
+            _SERVER = None
+
+
+def run(args, *, timeout: float, server: Server, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(args, capture_output=True, text=True, timeout=...) with a prestarted
+    child."""
+    with Popen(args, server=server, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+               **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
