@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import os
-
 import pytest
 
 from tests.conftest import FAST_DEMO_FLAGS, REPO, run_trainer, start_trainer
