@@ -276,7 +276,7 @@ def _run_trainer(args, row: str, model_dir: str) -> dict:
              "--xla" if xla else "--noxla",
              "--checkpoint_every_steps=100000", "--eval_every_steps=100000", "--noexport_at_end",
              # Speed rows: no passes over the data beyond the final evaluation.
-             "--high_loss_scan=0", "--noeval_figures"]
+             "--high_loss_scan=0", "--noeval_figures", "--nosample_images"]
     if synthetic:
         flags.append("--synthetic_data")
     try:

@@ -2,7 +2,7 @@
 trainer once, and forks a child per `python -m trainer.main ...` a test starts.
 
 Each trainer process of the suite spent about 6 s importing before its first line (2 AVX2
-cores, 2026-12-04); the suite starts over a hundred. A child forked from this server is a real
+cores, 2026-12-04), and the suite starts many. A child forked from this server is a real
 process of its own (its PID, signals, exit code, stdin/stdout/stderr, working directory and
 environment are the test's), but its modules are already loaded: `trainer.main` runs in it as
 `python -m trainer.main` would, from argument parsing on.
@@ -14,8 +14,9 @@ read at import time): the tests of those start `sys.executable` themselves.
 
 The protocol, one Unix-socket connection per child: the client sends one JSON line (argv, cwd,
 env, start_new_session) with its three standard streams as file descriptors (SCM_RIGHTS); the
-server answers the child's PID on one line and, when the child ends, its wait status on a
-second. `Popen` is subprocess.Popen with that exchange in place of fork/exec and waitpid.
+child answers its PID on one line once its session, streams, folder and environment are the
+test's, and the server, when the child has ended, its wait status on a second. `Popen` is
+subprocess.Popen with that exchange in place of fork/exec and waitpid.
 """
 from __future__ import annotations
 
@@ -91,16 +92,17 @@ def _start_child(connection, listener, selector, children) -> int | None:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _child(request, fds, [listener, connection, selector] + [c for c, _ in children.values()]
-               + list(children))
+        _child(request, fds, connection,
+               [listener, selector] + [c for c, _ in children.values()] + list(children))
     for fd in fds:
         os.close(fd)
-    connection.sendall(f"{pid}\n".encode())
     return pid
 
 
-def _child(request: dict, fds: list[int], inherited: list) -> None:
-    """In the forked child: the test's streams, folder and environment, then the program."""
+def _child(request: dict, fds: list[int], connection, inherited: list) -> None:
+    """In the forked child: the test's session, streams, folder and environment; then its PID
+    to the test (so that, as with subprocess.Popen, all of that is in place when the test has
+    the PID), then the program."""
     code = 1
     try:
         for item in inherited:
@@ -119,6 +121,8 @@ def _child(request: dict, fds: list[int], inherited: list) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        connection.sendall(f"{os.getpid()}\n".encode())
+        connection.close()
         module, *args = request["argv"]
         sys.argv = [module, *args]
         import runpy

@@ -18,7 +18,7 @@ import tensorflow as tf
 from data import augment, datasets, layout
 from data.spec import InputSpec
 from models import registry, transfer
-from tests.conftest import run_trainer
+from tests.conftest import QUIET_FLAGS, run_trainer
 from trainer.loop.step import Metrics, StepFunctions, cross_entropy
 
 
@@ -431,14 +431,14 @@ def test_finetuned_run_beats_the_same_run_from_scratch_on_a_small_budget(demo_di
     20 steps, once from scratch and once with --pretrained=<the donor's model_dir>, every other
     flag, the data order and the seed the same. (Measured at this budget with seeds 0 and 1:
     57-61% from scratch, 69-75% fine-tuned; the larger default budget is in the README.)
-    Valid is evaluated only at the end and the high-loss scan is off: with one step per
+    Valid is evaluated only at the end and the unread outputs are off: with one step per
     target epoch the per-epoch evaluations were most of the cost, and the final weights (all
     the test reads) are the same without them."""
     from bench import transfer
     lines = []
     report = transfer.compare(str(tmp_path), donor_steps=60, target_steps=20, train_per_class=3,
                               seeds=[0], extra_flags=["--eval_every_steps=100000",
-                                                      "--high_loss_scan=0"],
+                                                      *QUIET_FLAGS],
                               digits=str(demo_dir), log=lines.append)
     scratch, finetuned = report["scratch"][0], report["finetuned"][0]
     assert scratch["pretrained"] is None
