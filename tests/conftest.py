@@ -24,11 +24,13 @@ def pytest_configure(config):
     distribute.split_cpu(2)
 
 
-# The longest modules (seconds on 2 busy AVX2 cores, 2026-12-04), collected first: xdist's
-# loadscope hands out modules in collection order, so a long one collected last ran alone at the
-# end while the other worker idled.
-LONGEST_MODULES = ("test_multiworker", "test_loop", "test_service", "test_sweep", "test_models",
-                   "test_research", "test_resume", "test_packed", "test_bench", "test_notebook")
+# The longest modules (seconds on 2 AVX2 cores, 2026-12-04: models 192, research 184,
+# multiworker 181, service 170, sweep 141, resume 136, loop 132, bench 132, evaluate_export
+# 114, packed 85), collected first: xdist's loadscope hands out modules in collection order,
+# so a long one collected last ran alone at the end while the other worker idled.
+LONGEST_MODULES = ("test_models", "test_research", "test_multiworker", "test_service",
+                   "test_sweep", "test_resume", "test_loop", "test_bench",
+                   "test_evaluate_export", "test_packed")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -139,6 +141,18 @@ def run_trainer(*args: str, timeout: float = 300, env: dict | None = None,
         raise AssertionError(f"trainer exited {result.returncode}\nstdout:\n{result.stdout}\n"
                              f"stderr:\n{result.stderr[-4000:]}")
     return result
+
+
+def bench_run_trainer(model_dir: str, flags: list[str]) -> tuple[dict, str]:
+    """bench.run_trainer (results.json and the console; TrainerFailed on a non-zero exit), the
+    trainer started as the suite starts it: for tests that monkeypatch it into a benchmark."""
+    import json
+
+    from bench import TrainerFailed
+    result = run_trainer(f"--model_dir={model_dir}", *flags, check=False)
+    if result.returncode:
+        raise TrainerFailed(f"the trainer exited {result.returncode}", result.stderr)
+    return json.loads((Path(model_dir) / "results.json").read_text()), result.stdout
 
 
 # Small, fast settings for the demo data used by many tests.

@@ -18,7 +18,7 @@ import tensorflow as tf
 from data import augment, datasets, layout
 from data.spec import InputSpec
 from models import registry, transfer
-from tests.conftest import QUIET_FLAGS, run_trainer
+from tests.conftest import bench_run_trainer, run_trainer
 from trainer.loop.step import Metrics, StepFunctions, cross_entropy
 
 
@@ -425,20 +425,22 @@ def test_pretrained_weights_file_loads_with_its_own_class_count_or_fails_in_one_
     assert "\n" not in message
 
 
-def test_finetuned_run_beats_the_same_run_from_scratch_on_a_small_budget(demo_dir, tmp_path):
+def test_finetuned_run_beats_the_same_run_from_scratch_on_a_small_budget(demo_dir, tmp_path,
+                                                                         monkeypatch):
     """bench.transfer at a small budget, three trainer processes: a donor learns the digits
     zero..five; then six..nine with 3 training images per class (4 classes: a new head) for
     20 steps, once from scratch and once with --pretrained=<the donor's model_dir>, every other
     flag, the data order and the seed the same. (Measured at this budget with seeds 0 and 1:
     57-61% from scratch, 69-75% fine-tuned; the larger default budget is in the README.)
-    Valid is evaluated only at the end and the unread outputs are off: with one step per
-    target epoch the per-epoch evaluations were most of the cost, and the final weights (all
-    the test reads) are the same without them."""
+    Valid is evaluated only at the end and the unread outputs are off (the trainers start as
+    the suite's do, conftest.bench_run_trainer): with one step per target epoch the per-epoch
+    evaluations were most of the cost, and the final weights (all the test reads) are the same
+    without them."""
     from bench import transfer
+    monkeypatch.setattr(transfer, "run_trainer", bench_run_trainer)
     lines = []
     report = transfer.compare(str(tmp_path), donor_steps=60, target_steps=20, train_per_class=3,
-                              seeds=[0], extra_flags=["--eval_every_steps=100000",
-                                                      *QUIET_FLAGS],
+                              seeds=[0], extra_flags=["--eval_every_steps=100000"],
                               digits=str(demo_dir), log=lines.append)
     scratch, finetuned = report["scratch"][0], report["finetuned"][0]
     assert scratch["pretrained"] is None
