@@ -69,10 +69,9 @@ def serve(path: str) -> None:
             elif key.fileobj is listener:
                 connection, _ = listener.accept()
                 pid = _start_child(connection, listener, selector, children)
-                if pid:
-                    pidfd = os.pidfd_open(pid)
-                    children[pidfd] = (connection, pid)
-                    selector.register(pidfd, selectors.EVENT_READ)
+                pidfd = os.pidfd_open(pid)
+                children[pidfd] = (connection, pid)
+                selector.register(pidfd, selectors.EVENT_READ)
             else:
                 connection, pid = children.pop(key.fd)
                 selector.unregister(key.fd)
@@ -85,7 +84,7 @@ def serve(path: str) -> None:
                 connection.close()
 
 
-def _start_child(connection, listener, selector, children) -> int | None:
+def _start_child(connection, listener, selector, children) -> int:
     message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
     request = json.loads(message)
     sys.stdout.flush()
@@ -102,7 +101,8 @@ def _start_child(connection, listener, selector, children) -> int | None:
 def _child(request: dict, fds: list[int], connection, inherited: list) -> None:
     """In the forked child: the test's session, streams, folder and environment; then its PID
     to the test (so that, as with subprocess.Popen, all of that is in place when the test has
-    the PID), then the program."""
+    the PID), then the program. The signal dispositions are a fresh interpreter's already: the
+    server installs no handler."""
     code = 1
     try:
         for item in inherited:
@@ -115,9 +115,6 @@ def _child(request: dict, fds: list[int], connection, inherited: list) -> None:
         for fd in set(fds):
             if fd > 2:
                 os.close(fd)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -249,20 +246,6 @@ def close() -> None:
         if _SERVER is not None:
             _SERVER.close()
             _SERVER = None
-
-
-def run(args, *, timeout: float, server: Server, **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run(args, capture_output=True, text=True, timeout=...) with a prestarted
-    child."""
-    with Popen(args, server=server, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-               **kwargs) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 if __name__ == "__main__":

@@ -248,8 +248,7 @@ FLAGS = (*FAST_DEMO_FLAGS, "--distribution_strategy=one_device", "--noeval_figur
 
 
 def _start(*flags):
-    return start_trainer(*flags, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_trainer(*flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_line(process, prefix: str) -> str:

@@ -281,11 +281,9 @@ def test_two_trainers_started_two_seconds_apart_one_is_refused_naming_the_other(
              "--train_steps=100000", "--distribution_strategy=one_device", "--noeval_figures",
              "--high_loss_scan=0")
     started = time.time()
-    first = start_trainer(*flags, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = start_trainer(*flags, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(2)
-    second = start_trainer(*flags, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    second = start_trainer(*flags, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while first.poll() is None and second.poll() is None and time.time() - started < 150:
             time.sleep(0.2)

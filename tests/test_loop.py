@@ -44,10 +44,8 @@ def _signal_in_export(model_dir, data_dir, sig) -> int:
     folder (tests/file_events.py), no polling."""
     export = model_dir / "export"
     before = set(os.listdir(export)) if export.exists() else set()
-    process = start_trainer(f"--data_dir={data_dir}",
-                                               f"--model_dir={model_dir}", *FINISH_FLAGS,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
+    process = start_trainer(f"--data_dir={data_dir}", f"--model_dir={model_dir}", *FINISH_FLAGS,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in process.stdout:
         if line.startswith("final test:"):
             staged = wait_for_entry(export, lambda name: name.startswith(".tmp-"), timeout=120,
@@ -158,10 +156,8 @@ def test_an_extended_run_goes_on_without_a_learning_rate_jump(small_demo_dir, tm
     flags = (f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
              "--noeval_figures", "--noexport_at_end", "--high_loss_scan=0",
              "--distribution_strategy=one_device", "--warmup_epochs=0.1")
-    first = start_trainer(*flags, "--train_steps=40",
-                                             "--checkpoint_every_steps=5",
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
+    first = start_trainer(*flags, "--train_steps=40", "--checkpoint_every_steps=5",
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     stopped_at = None
     for line in first.stdout:
         if line.startswith("epoch ") and " step 20/40 " in line:

@@ -50,9 +50,8 @@ def _start_workers(tmp_path, flags, name: str, count: int = 2) -> list[subproces
         scratch.mkdir()
         env = dict(os.environ, TMPDIR=str(scratch), TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        workers.append(start_trainer(*flags, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True))
+        workers.append(start_trainer(*flags, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True))
     return workers
 
 
@@ -249,7 +248,7 @@ def test_a_run_stopped_on_two_replicas_resumes_on_one_with_the_same_images(small
     run_trainer(f"--model_dir={whole}", *flags, *two)
     parts = tmp_path / "parts"
     first = start_trainer(f"--model_dir={parts}", *flags, *two,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in first.stdout:
         if line.startswith("epoch ") and " step 5/20 " in line:
             first.send_signal(signal.SIGTERM)
@@ -278,10 +277,8 @@ def test_a_scale_batch_resume_on_other_replicas_is_refused_or_counted_in_images(
     flags = (f"--data_dir={small_demo_dir}", f"--model_dir={model_dir}", *FAST_DEMO_FLAGS,
              "--batch_size=16", "--scale_batch", "--epochs=2", "--noeval_figures",
              "--noexport_at_end", "--high_loss_scan=0")
-    first = start_trainer(*flags, "--distribution_strategy=mirrored",
-                                             "--cpu_devices=2",
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
+    first = start_trainer(*flags, "--distribution_strategy=mirrored", "--cpu_devices=2",
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     stopped_at = None
     for line in first.stdout:  # global batch 32: 10 steps per epoch, 20 steps in all
         if line.startswith("epoch ") and " step 5/20 " in line:

@@ -49,9 +49,8 @@ def _start(model_dir, *flags) -> subprocess.Popen:
     """The trainer at a lower priority (nice 10) than this test, so that the test's kill runs
     as soon as the kernel reports the file it waits for, even on a busy machine (at nice 5, on
     2 busy AVX2 cores, three kills in a row came after the save had finished)."""
-    return start_trainer(f"--model_dir={model_dir}", *flags,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            nice=10)
+    return start_trainer(f"--model_dir={model_dir}", *flags, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, nice=10)
 
 
 def _kill_after_step(model_dir, flags, step: int) -> int:

@@ -38,10 +38,9 @@ def parent_dir(demo_dir, tmp_path_factory) -> Path:
     parent = tmp_path_factory.mktemp("runs")
     processes = {}
     for name, extra in RUNS.items():
-        processes[name] = start_trainer(f"--data_dir={demo_dir}", f"--model_dir={parent / name}",
-                            *FAST_DEMO_FLAGS, "--train_steps=6",
-                            "--distribution_strategy=one_device", "--eval_figures",
-                            *extra,
+        processes[name] = start_trainer(
+            f"--data_dir={demo_dir}", f"--model_dir={parent / name}", *FAST_DEMO_FLAGS,
+            "--train_steps=6", "--distribution_strategy=one_device", "--eval_figures", *extra,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name, process in processes.items():
         out, err = process.communicate(timeout=300)
