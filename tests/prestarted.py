@@ -30,11 +30,23 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 
 PRELOAD = ("trainer.flags", "trainer.errors", "trainer.tools.tool_flags", "trainer.loop.train",
            "trainer.loop.finish", "trainer.tools.serving", "trainer.tools.analysis",
            "trainer.report.figures", "models.registry", "data.check", "data.datasets",
            "data.packed", "matplotlib.pyplot", "tensorboard.plugins.hparams.api")
+
+# The modules whose functions AutoGraph converts in a trainer process: it rewrites a function's
+# source at its first call in a process, about 2.3 s of each small run (2 AVX2 cores), so the
+# server converts them once and a child finds them in AutoGraph's cache. The first modules hold
+# tf.function and strategy.run targets, converted as requested by the user; the others hold
+# what those call and dataset.map functions, converted as callees only.
+CONVERTED_AS_TARGETS = ("trainer.loop.step", "trainer.loop.actions", "trainer.loop.ema",
+                        "trainer.report.performance", "trainer.tools.analysis",
+                        "trainer.tools.serving")
+CONVERTED_AS_CALLEES = ("trainer.loop.recipes", "data.decode", "data.orders", "data.datasets",
+                        "data.packed", "data.augment")
 
 
 # ---- the server --------------------------------------------------------------------------
@@ -46,9 +58,12 @@ def serve(path: str) -> None:
     matplotlib.use("Agg")
     for name in PRELOAD:
         importlib.import_module(name)
-    from tensorflow.python.eager import context
-    if context.context()._context_handle is not None:  # noqa: SLF001
-        raise SystemExit("prestarted: an import started TensorFlow's runtime; forking is unsafe")
+    # In the background (about 25 s on 2 AVX2 cores): a child forked before the end finds
+    # part of the cache filled; _start_child forks under AutoGraph's cache lock, which a
+    # conversion holds throughout, so no child starts with the lock taken.
+    threading.Thread(target=_convert_ahead, daemon=True,
+                     args=(CONVERTED_AS_TARGETS, CONVERTED_AS_CALLEES)).start()
+    _check_runtime_not_started()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -84,12 +99,69 @@ def serve(path: str) -> None:
                 connection.close()
 
 
+def _convert_ahead(targets, callees) -> None:
+    """Fills AutoGraph's cache, which is keyed by code object and conversion options, with
+    every function of these modules (methods, nested functions and lambdas included), under
+    the options of a tf.function's own function (`targets` only) and of what it calls. What
+    AutoGraph cannot convert is skipped, as it would be in the child."""
+    import importlib
+
+    from tensorflow.python.autograph.core import converter
+    from tensorflow.python.autograph.impl import api
+
+    def context(user_requested: bool):
+        return converter.ProgramContext(converter.ConversionOptions(
+            recursive=True, user_requested=user_requested, optional_features=None))
+    for names, contexts in ((targets, [context(True), context(False)]),
+                            (callees, [context(False)])):
+        for name in names:
+            module = importlib.import_module(name)
+            for code in _code_objects(module):
+                cells = tuple(types.CellType() for _ in code.co_freevars)
+                function = types.FunctionType(code, module.__dict__, code.co_name, None, cells)
+                for program_context in contexts:
+                    try:
+                        api._TRANSPILER.transform(function, program_context)  # noqa: SLF001
+                    except Exception:  # noqa: BLE001 (the child would run it unconverted)
+                        pass
+
+
+def _code_objects(module):
+    """The code objects of the functions defined in `module`, nested ones included."""
+    import inspect
+    pending = []
+    for value in vars(module).values():
+        members = vars(value).values() if inspect.isclass(value) else [value]
+        for member in members:
+            member = getattr(member, "__func__", getattr(member, "fget", member))
+            code = getattr(inspect.unwrap(member), "__code__", None) \
+                if callable(member) else None
+            if code is not None and code.co_filename == module.__file__:
+                pending.append(code)
+    seen = set()
+    while pending:
+        code = pending.pop()
+        if code not in seen:
+            seen.add(code)
+            pending.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return seen
+
+
+def _check_runtime_not_started() -> None:
+    from tensorflow.python.eager import context
+    if context.context()._context_handle is not None:  # noqa: SLF001
+        raise SystemExit("prestarted: TensorFlow's runtime has started here; forking is unsafe")
+
+
 def _start_child(connection, listener, selector, children) -> int:
     message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
     request = json.loads(message)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    _check_runtime_not_started()
+    from tensorflow.python.autograph.impl import api
+    with api._TRANSPILER._cache_lock:  # noqa: SLF001 (see serve)
+        pid = os.fork()
     if pid == 0:
         _child(request, fds, connection,
                [listener, selector] + [c for c, _ in children.values()] + list(children))
